@@ -1,0 +1,33 @@
+// The loss's scalar algebra, shared by the CPU and CUDA kernels (host and device).
+//
+// Row b's distance is d_b = sum_sq_b / cols. A set's loss is norm * sum of its rows' d_b, with
+// norm = 1 / max(rows in the set, 1) ("set") or 2 / batch ("reference"); loss = w_R L_R + w_F L_F.
+// The forward pass writes g_b = c * norm * 2 (s_b - t_b) / cols, with c = w of the row's set (or 1
+// when w = 0), which is d loss / d s_b exactly. Backward multiplies g_b by
+// (grad_loss * w + grad_set) / c: exactly 1 for loss.backward(), so backward can skip it.
+#pragma once
+#include <cstdint>
+
+#if defined(__CUDACC__)
+#define FF_HOST_DEVICE __host__ __device__ __forceinline__
+#else
+#define FF_HOST_DEVICE inline
+#endif
+
+namespace fastforget {
+
+FF_HOST_DEVICE float set_norm(bool normalize_set, int64_t rows_in_set, int64_t batch) {
+  return normalize_set ? 1.0f / float(rows_in_set > 0 ? rows_in_set : 1) : 2.0f / float(batch);
+}
+
+FF_HOST_DEVICE float grad_weight(float w) { return w != 0.0f ? w : 1.0f; }
+
+FF_HOST_DEVICE float grad_coef(bool normalize_set, int64_t rows_in_set, int64_t batch, int64_t cols, float w) {
+  return grad_weight(w) * set_norm(normalize_set, rows_in_set, batch) * 2.0f / float(cols);
+}
+
+FF_HOST_DEVICE float backward_scale(float grad_loss, float grad_set, float w) {
+  return (grad_loss * w + grad_set) / grad_weight(w);
+}
+
+}  // namespace fastforget

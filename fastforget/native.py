@@ -1,0 +1,195 @@
+"""Build and load the native extensions in csrc/: `cpu` (C++) and `cuda` (CUDA kernels + bindings).
+
+Each extension registers its ops with TORCH_LIBRARY under the namespace fastforget_<name>, so
+loading one is all it takes: its ops then live in torch.ops.fastforget_<name>. Extensions build on
+first use with torch.utils.cpp_extension and ninja, cached in FASTFORGET_CACHE (default
+~/.cache/fastforget), or ahead of time by `FASTFORGET_BUILD_EXT=1 pip install .`. A missing compiler
+makes that extension unavailable, with the reason; it never breaks `import fastforget`.
+
+This module imports only torch, so setup.py can load it without importing the package.
+"""
+from __future__ import annotations
+
+import functools
+import glob
+import importlib
+import os
+import shutil
+import threading
+
+import torch
+
+EXTENSIONS = ("cpu", "cuda")
+_CSRC_CANDIDATES = (
+    os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc"),  # installed: fastforget/csrc
+    os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "csrc"),  # checkout
+)
+_lock = threading.Lock()
+
+
+class NativeUnavailable(RuntimeError):
+    """An extension cannot be built or loaded here; the message says why."""
+
+
+def csrc_dir() -> str:
+    for path in _CSRC_CANDIDATES:
+        if os.path.isdir(os.path.join(path, "cpu")):
+            return path
+    raise NativeUnavailable(f"native sources not found (looked in {', '.join(_CSRC_CANDIDATES)})")
+
+
+def sources(name: str) -> list[str]:
+    root = os.path.join(csrc_dir(), name)
+    return sorted(glob.glob(os.path.join(root, "*.cpp")) + glob.glob(os.path.join(root, "*.cu")))
+
+
+def cuda_home() -> str | None:
+    """The CUDA toolkit: CUDA_HOME / CUDA_PATH, else the folder nvcc really lives in.
+
+    nvcc on the PATH may be a wrapper script that execs the real one, so torch's guess from the
+    PATH can be wrong; we read `exec <path>/bin/nvcc` lines out of such a wrapper.
+    """
+    for var in ("CUDA_HOME", "CUDA_PATH"):
+        if os.environ.get(var) and os.path.exists(os.path.join(os.environ[var], "bin", "nvcc")):
+            return os.environ[var]
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        return "/usr/local/cuda" if os.path.exists("/usr/local/cuda/bin/nvcc") else None
+    nvcc = os.path.realpath(nvcc)
+    try:
+        with open(nvcc, "rb") as f:
+            head = f.read(4096)
+    except OSError:
+        head = b""
+    if head.startswith(b"#!"):
+        for line in head.decode(errors="replace").splitlines():
+            words = line.split()
+            if words[:1] == ["exec"] and len(words) > 1 and words[1].endswith("/bin/nvcc"):
+                return os.path.dirname(os.path.dirname(words[1]))
+    return os.path.dirname(os.path.dirname(nvcc))
+
+
+def _cuda_include_dirs() -> list[str]:
+    """Headers of the pip-installed CUDA libraries (nvidia/*/include), which a bare toolkit may lack."""
+    dirs = []
+    for spec in ("nvidia",):
+        try:
+            mod = importlib.import_module(spec)
+        except ImportError:
+            continue
+        for root in getattr(mod, "__path__", []):
+            dirs += sorted(glob.glob(os.path.join(root, "*", "include")))
+            dirs += sorted(glob.glob(os.path.join(root, "cu*", "include")))
+    return [d for d in dict.fromkeys(dirs) if os.path.isdir(d)]
+
+
+def _flags(name: str) -> dict:
+    cflags = ["-O3"]  # torch picks the C++ standard its headers need
+    if name == "cpu":
+        return {"extra_cflags": cflags}
+    return {
+        "extra_cflags": cflags,
+        "extra_cuda_cflags": ["-O3", "-lineinfo"],
+        "extra_include_paths": _cuda_include_dirs(),
+    }
+
+
+def _check_toolchain(name: str) -> None:
+    if shutil.which(os.environ.get("CXX", "c++")) is None:
+        raise NativeUnavailable(f"no C++ compiler ({os.environ.get('CXX', 'c++')}) on the PATH")
+    if name == "cuda":
+        if torch.version.cuda is None:
+            raise NativeUnavailable(f"this torch ({torch.__version__}) is built without CUDA")
+        home = cuda_home()
+        if home is None:
+            raise NativeUnavailable("no CUDA toolkit: nvcc not on the PATH and CUDA_HOME not set")
+        os.environ.setdefault("CUDA_HOME", home)
+        import torch.utils.cpp_extension as cpp_extension
+
+        cpp_extension.CUDA_HOME = os.environ["CUDA_HOME"]  # torch guessed it at import time
+        if not torch.cuda.is_available() and not os.environ.get("TORCH_CUDA_ARCH_LIST"):
+            os.environ["TORCH_CUDA_ARCH_LIST"] = "9.0"  # no GPU to ask: build for Hopper
+
+
+@functools.lru_cache(maxsize=None)
+def load(name: str) -> str:
+    """Build (if needed) and load extension `name`; returns the torch.ops namespace it registered.
+
+    Raises NativeUnavailable with the reason when it cannot be built or loaded.
+    """
+    if name not in EXTENSIONS:
+        raise ValueError(f"unknown native extension {name!r}; expected one of {EXTENSIONS}")
+    namespace = f"fastforget_{name}"
+    prebuilt = glob.glob(os.path.join(os.path.dirname(os.path.abspath(__file__)), f"_{name}.*.so"))
+    if prebuilt:  # built ahead of time by setup.py
+        torch.ops.load_library(prebuilt[0])
+        return namespace
+    with _lock:
+        home = cuda_home()
+        if home is not None:  # before torch.utils.cpp_extension guesses (and warns) at import
+            os.environ.setdefault("CUDA_HOME", home)
+        _check_toolchain(name)
+        import torch.utils.cpp_extension as cpp_extension
+
+        build_dir = os.path.join(
+            os.environ.get("FASTFORGET_CACHE", os.path.expanduser("~/.cache/fastforget")),
+            f"torch{torch.__version__}-{name}",
+        )
+        os.makedirs(build_dir, exist_ok=True)
+        try:
+            cpp_extension.load(
+                name=namespace,
+                sources=sources(name),
+                build_directory=build_dir,
+                is_python_module=False,
+                verbose=os.environ.get("FASTFORGET_VERBOSE_BUILD") == "1",
+                **_flags(name),
+            )
+        except Exception as err:  # compiler errors arrive as RuntimeError or subprocess errors
+            raise NativeUnavailable(f"building the {name} extension failed: {_last_lines(err)}") from err
+    return namespace
+
+
+def unavailable_reason(name: str) -> str | None:
+    """None when extension `name` loads, else why it does not."""
+    try:
+        load(name)
+    except NativeUnavailable as err:
+        return str(err)
+    return None
+
+
+def ops(name: str):
+    """torch.ops namespace of a loaded extension (raises NativeUnavailable)."""
+    return getattr(torch.ops, load(name))
+
+
+def _last_lines(err: Exception, n: int = 12) -> str:
+    """The compiler's error lines (or the last lines) of a failed build, for the reason."""
+    text = str(err).strip().splitlines()
+    errors = [line for line in text if "error" in line.lower()]
+    return "\n".join((errors or text)[-n:]) if text else type(err).__name__
+
+
+def setup_extensions():
+    """ext_modules and cmdclass for setup.py when FASTFORGET_BUILD_EXT=1."""
+    from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
+
+    def rel(paths):  # setuptools wants sources relative to setup.py
+        return [os.path.relpath(p) for p in paths]
+
+    exts = [CppExtension("fastforget._cpu", rel(sources("cpu")), extra_compile_args={"cxx": _flags("cpu")["extra_cflags"]})]
+    try:
+        _check_toolchain("cuda")
+        flags = _flags("cuda")
+        exts.append(
+            CUDAExtension(
+                "fastforget._cuda",
+                rel(sources("cuda")),
+                include_dirs=flags["extra_include_paths"],
+                extra_compile_args={"cxx": flags["extra_cflags"], "nvcc": flags["extra_cuda_cflags"]},
+            )
+        )
+    except NativeUnavailable as err:
+        print(f"fastforget: skipping the CUDA extension: {err}")
+    return exts, {"build_ext": BuildExtension.with_options(use_ninja=True)}

@@ -1,0 +1,225 @@
+"""The fused forget/retain embedding-distance loss: validation, dispatch, custom op, autograd.
+
+    L_R = mean over retain rows of d_b,   L_F = mean over forget rows of d_b,   L = w_R L_R + w_F L_F
+    d_b = mean over the row's elements of (student_b - target_b)^2, target_b = forget or retain target
+
+The kernels write d L / d student in the forward pass (one pass over memory); backward rescales
+it in place only when some output other than `loss` carries gradient, or `loss` carries a
+gradient other than 1, and it decides that on the device (no host synchronisation).
+"""
+from __future__ import annotations
+
+import math
+from typing import NamedTuple, Optional
+
+import torch
+from torch import Tensor
+
+from . import backends
+
+NORMALIZE = ("set", "reference")
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+class UnlearnLossOutput(NamedTuple):
+    loss: Tensor
+    retain_loss: Tensor
+    forget_loss: Tensor
+
+
+def unlearn_loss(
+    student: Tensor,
+    retain_target: Tensor,
+    forget_target: Tensor,
+    is_forget: Tensor,
+    *,
+    retain_weight: float = 1.0,
+    forget_weight: float = 0.2,
+    normalize: str = "set",
+    backend: Optional[str] = None,
+) -> UnlearnLossOutput:
+    """(loss, retain_loss, forget_loss), 0-d float32, of student embeddings against their targets.
+
+    student: (B, ...) float32, bfloat16 or float16, any strides. retain_target, forget_target:
+    student's shape, any of those dtypes, treated as constants (no gradient); they may be one
+    tensor. is_forget: (B,) bool or 0/1 integers, nonzero = forget row. normalize: "set" (each
+    loss is the mean over its own rows, 0 for an empty set) or "reference" (2/B times the sum,
+    the reference code's compute_loss). backend: None (fastest that fits), "torch", "triton",
+    "cuda" or "cpu"; FASTFORGET_BACKEND sets the default.
+    """
+    _check(student, retain_target, forget_target, is_forget, retain_weight, forget_weight, normalize)
+    batch = student.shape[0]
+    if forget_target.dtype != retain_target.dtype:  # the kernels read both targets as one dtype
+        forget_target = forget_target.to(retain_target.dtype)
+    flags = is_forget if is_forget.dtype == torch.bool else is_forget != 0
+    compute_grad = torch.is_grad_enabled() and student.requires_grad
+    loss, retain_loss, forget_loss, _ = torch.ops.fastforget.unlearn_loss(
+        _rows(student, batch), _rows(retain_target.detach(), batch), _rows(forget_target.detach(), batch),
+        flags.contiguous().view(torch.uint8), float(retain_weight), float(forget_weight),
+        normalize == "set", compute_grad, backends.requested_backend(backend),
+    )
+    return UnlearnLossOutput(loss, retain_loss, forget_loss)
+
+
+def _rows(x: Tensor, batch: int) -> Tensor:
+    """x as (batch, elements per row) with unit column stride: a view when strides allow."""
+    x = x.reshape(batch, -1)
+    return x if x.stride(1) == 1 or x.shape[1] == 1 else x.contiguous()
+
+
+def _check(student, retain_target, forget_target, is_forget, retain_weight, forget_weight, normalize) -> None:
+    for name, t in (("student", student), ("retain_target", retain_target), ("forget_target", forget_target),
+                    ("is_forget", is_forget)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    for name, t in (("student", student), ("retain_target", retain_target), ("forget_target", forget_target)):
+        if t.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"{name} must be float32, bfloat16 or float16, got {t.dtype}")
+    if student.dim() < 2 or student.shape[0] == 0 or student[0].numel() == 0:
+        raise ValueError(
+            f"student must be (B, ...) with B >= 1 and at least one element per row, got shape {tuple(student.shape)}"
+        )
+    for name, t in (("retain_target", retain_target), ("forget_target", forget_target)):
+        if t.shape != student.shape:
+            raise ValueError(f"{name} must have student's shape {tuple(student.shape)}, got {tuple(t.shape)}")
+    for name, t in (("retain_target", retain_target), ("forget_target", forget_target), ("is_forget", is_forget)):
+        if t.device != student.device:
+            raise ValueError(f"{name} must be on student's device {student.device}, got {t.device}")
+    if is_forget.dtype.is_floating_point or is_forget.dtype.is_complex:
+        raise TypeError(f"is_forget must be bool or 0/1 integers, got {is_forget.dtype}")
+    if is_forget.shape != student.shape[:1]:
+        raise ValueError(f"is_forget must have shape ({student.shape[0]},) (one flag per row), got {tuple(is_forget.shape)}")
+    for name, w in (("retain_weight", retain_weight), ("forget_weight", forget_weight)):
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w):
+            raise TypeError(f"{name} must be a finite float, got {w!r}")
+    if normalize not in NORMALIZE:
+        raise ValueError(f"normalize must be one of {NORMALIZE}, got {normalize!r}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Backends. Inputs: (rows, cols) tensors with unit column stride; is_forget (rows,) uint8.
+
+
+def _not_supported(name: str, student: Tensor, retain: Tensor) -> list[str]:
+    return []  # every backend takes the three float dtypes, mixed, and any row stride
+
+
+def _torch_forward(student, retain, forget, is_forget, retain_weight, forget_weight, normalize_set, compute_grad):
+    rows, cols = student.shape
+    forget_rows = is_forget.bool()
+    target = torch.where(forget_rows[:, None], forget.float(), retain.float())
+    diff = student.float() - target
+    row_sq = diff.square().sum(dim=1)
+    n_forget = forget_rows.sum()
+    n_retain = rows - n_forget
+    if normalize_set:
+        norm_retain, norm_forget = 1.0 / n_retain.clamp(min=1), 1.0 / n_forget.clamp(min=1)
+    else:
+        norm_retain = norm_forget = torch.tensor(2.0 / rows, device=student.device)
+    retain_loss = torch.where(forget_rows, 0.0, row_sq).sum() / cols * norm_retain
+    forget_loss = torch.where(forget_rows, row_sq, 0.0).sum() / cols * norm_forget
+    loss = retain_weight * retain_loss + forget_weight * forget_loss
+    if compute_grad:
+        coef = torch.where(
+            forget_rows, _grad_weight(forget_weight) * norm_forget, _grad_weight(retain_weight) * norm_retain
+        ) * (2.0 / cols)
+        grad = (diff * coef[:, None]).to(student.dtype)
+    else:
+        grad = student.new_empty(0)
+    return loss.float(), retain_loss.float(), forget_loss.float(), grad
+
+
+def _grad_weight(w: float) -> float:
+    return w if w != 0.0 else 1.0  # as csrc/common/unlearn_loss_math.h
+
+
+def _torch_scale_grad_(grad, is_forget, grad_loss, grad_retain, grad_forget, retain_weight, forget_weight):
+    zero = torch.zeros((), device=grad.device)
+    g = grad_loss if grad_loss is not None else zero
+    scale_retain = (g * retain_weight + (grad_retain if grad_retain is not None else zero)) / _grad_weight(retain_weight)
+    scale_forget = (g * forget_weight + (grad_forget if grad_forget is not None else zero)) / _grad_weight(forget_weight)
+    scale = torch.where(is_forget.bool(), scale_forget, scale_retain)
+    grad.copy_(grad.float() * scale[:, None])
+
+
+def _forward_impl(name: str):
+    if name == "torch":
+        return _torch_forward
+    if name == "triton":
+        from ..kernels import unlearn_loss as kernel
+
+        return kernel.forward
+    return getattr(backends.native.ops(name), "unlearn_loss_forward")
+
+
+def _scale_impl(name: str):
+    if name == "torch":
+        return _torch_scale_grad_
+    if name == "triton":
+        from ..kernels import unlearn_loss as kernel
+
+        return kernel.scale_grad_
+    return getattr(backends.native.ops(name), "unlearn_loss_scale_grad")
+
+
+# ---------------------------------------------------------------------------------------------
+# The custom ops: opaque to torch.compile, with fake kernels and autograd.
+
+
+@torch.library.custom_op("fastforget::unlearn_loss", mutates_args=())
+def _unlearn_loss_op(
+    student: Tensor, retain_target: Tensor, forget_target: Tensor, is_forget: Tensor,
+    retain_weight: float, forget_weight: float, normalize_set: bool, compute_grad: bool, backend: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    name = backends.select(
+        "unlearn_loss", backend, student.device, lambda n: _not_supported(n, student, retain_target)
+    )
+    return _forward_impl(name)(
+        student, retain_target, forget_target, is_forget, retain_weight, forget_weight, normalize_set, compute_grad
+    )
+
+
+@_unlearn_loss_op.register_fake
+def _(student, retain_target, forget_target, is_forget, retain_weight, forget_weight, normalize_set, compute_grad,
+      backend):
+    scalar = student.new_empty((), dtype=torch.float32)
+    grad = student.new_empty(student.shape if compute_grad else (0,))
+    return scalar, scalar.clone(), scalar.clone(), grad
+
+
+@torch.library.custom_op("fastforget::unlearn_loss_scale_grad_", mutates_args=("grad",))
+def _scale_grad_op(
+    grad: Tensor, is_forget: Tensor, grad_loss: Optional[Tensor], grad_retain: Optional[Tensor],
+    grad_forget: Optional[Tensor], retain_weight: float, forget_weight: float, backend: str,
+) -> None:
+    name = backends.select("unlearn_loss backward", backend, grad.device, lambda n: [])
+    _scale_impl(name)(grad, is_forget, grad_loss, grad_retain, grad_forget, retain_weight, forget_weight)
+
+
+@_scale_grad_op.register_fake
+def _(grad, is_forget, grad_loss, grad_retain, grad_forget, retain_weight, forget_weight, backend):
+    return None
+
+
+def _setup_context(ctx, inputs, output):
+    _, _, _, is_forget, retain_weight, forget_weight, _, compute_grad, backend = inputs
+    ctx.save_for_backward(output[3], is_forget)
+    ctx.retain_weight, ctx.forget_weight, ctx.backend = retain_weight, forget_weight, backend
+
+
+def _backward(ctx, grad_loss, grad_retain, grad_forget, _grad_of_grad):
+    # The saved gradient is consumed in place: a second backward through the same graph is refused
+    # by autograd's version check ("modified by an inplace operation"); sum the outputs instead.
+    grad, is_forget = ctx.saved_tensors
+    torch.ops.fastforget.unlearn_loss_scale_grad_(
+        grad, is_forget, _as_f32(grad_loss), _as_f32(grad_retain), _as_f32(grad_forget),
+        ctx.retain_weight, ctx.forget_weight, ctx.backend,
+    )
+    return grad, None, None, None, None, None, None, None, None
+
+
+def _as_f32(g: Optional[Tensor]) -> Optional[Tensor]:
+    return None if g is None else g.float().contiguous()
+
+
+_unlearn_loss_op.register_autograd(_backward, setup_context=_setup_context)
