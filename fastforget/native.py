@@ -86,7 +86,8 @@ def _cuda_include_dirs() -> list[str]:
 def _flags(name: str) -> dict:
     cflags = ["-O3"]  # torch picks the C++ standard its headers need
     if name == "cpu":
-        return {"extra_cflags": cflags}
+        # at::parallel_for is an OpenMP pragma in the header: without -fopenmp it runs serially.
+        return {"extra_cflags": cflags + ["-fopenmp"], "extra_ldflags": ["-fopenmp"]}
     return {
         "extra_cflags": cflags,
         "extra_cuda_cflags": ["-O3", "-lineinfo"],
@@ -178,7 +179,9 @@ def setup_extensions():
     def rel(paths):  # setuptools wants sources relative to setup.py
         return [os.path.relpath(p) for p in paths]
 
-    exts = [CppExtension("fastforget._cpu", rel(sources("cpu")), extra_compile_args={"cxx": _flags("cpu")["extra_cflags"]})]
+    cpu = _flags("cpu")
+    exts = [CppExtension("fastforget._cpu", rel(sources("cpu")), extra_compile_args={"cxx": cpu["extra_cflags"]},
+                         extra_link_args=cpu["extra_ldflags"])]
     try:
         _check_toolchain("cuda")
         flags = _flags("cuda")

@@ -4,6 +4,10 @@
 #include <torch/library.h>
 #include <torch/torch.h>
 
+#include <algorithm>
+#include <mutex>
+#include <vector>
+
 #include "unlearn_loss.h"
 
 namespace fastforget {
@@ -33,6 +37,28 @@ at::Tensor forget_flags(const at::Tensor& is_forget, int64_t rows) {
   return is_forget.contiguous();
 }
 
+// The CPU has no caching allocator: a fresh 50 MB gradient costs a page fault per 4 KiB page, more
+// than the kernel itself. Keep the storages of recent gradients and hand one out again once
+// nothing else holds it (no tensor or view left on it), so steady-state training reuses warm pages.
+at::Tensor grad_buffer(int64_t rows, int64_t cols, const at::TensorOptions& options) {
+  constexpr size_t kPoolSize = 4;
+  static std::mutex mutex;
+  static std::vector<c10::Storage> pool;
+  const size_t nbytes = size_t(rows) * size_t(cols) * options.dtype().itemsize();
+  auto unused = [](const c10::Storage& s) { return s.use_count() == 1; };
+  const std::lock_guard<std::mutex> lock(mutex);
+  for (const c10::Storage& s : pool)
+    if (unused(s) && s.nbytes() == nbytes) return at::empty({0}, options).set_(s, 0, {rows, cols}, {cols, 1});
+  at::Tensor fresh = at::empty({rows, cols}, options);
+  if (pool.size() >= kPoolSize) {
+    auto it = std::find_if(pool.begin(), pool.end(), unused);
+    if (it == pool.end()) return fresh;  // all in use: do not grow past the cap
+    pool.erase(it);
+  }
+  pool.push_back(fresh.storage());
+  return fresh;
+}
+
 // Grain: enough (row, chunk) tasks per thread job that scheduling costs nothing.
 int64_t grain(int64_t cols) { return std::max<int64_t>(1, (1 << 16) / std::max<int64_t>(cols, 1)); }
 
@@ -57,7 +83,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> unlearn_loss_forward(
   const int64_t n_retain = rows - n_forget;
   const float w_r = float(retain_weight), w_f = float(forget_weight);
 
-  at::Tensor grad = compute_grad ? at::empty({rows, cols}, student.options()) : at::empty({0}, student.options());
+  at::Tensor grad = compute_grad ? grad_buffer(rows, cols, student.options()) : at::empty({0}, student.options());
   UnlearnLossArgs args{student.data_ptr(), student.stride(0), dtype_of(student, "student"),
                        retain_target.data_ptr(), retain_target.stride(0),
                        forget_target.data_ptr(), forget_target.stride(0), dtype_of(retain_target, "retain_target"),

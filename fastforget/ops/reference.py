@@ -47,14 +47,16 @@ def unlearn_loss(
 
 
 def reference_code_loss(
-    student: Tensor, target: Tensor, is_forget: Tensor, forget_weight: float = 0.2
+    student: Tensor, retain_target: Tensor, forget_target: Tensor, is_forget: Tensor, forget_weight: float = 0.2
 ) -> Tensor:
-    """The reference code's compute_loss as it is written (the baseline the benchmarks time).
+    """The reference code's compute_loss as it is written: the baseline that benchmarks time.
 
-    target already holds the forget target on forget rows. label is 1 on forget rows, -1 on retain
-    rows; the per-sample mean squared error is weighted (1 - label) for retain and
-    forget_weight * (1 + label) for forget, then averaged over the batch.
+    The target is the forget target on forget rows and the retain target on the others; label is 1
+    on forget rows and -1 on retain rows; the per-sample mean squared error is weighted (1 - label)
+    on retain rows and forget_weight * (1 + label) on forget rows, then averaged over the batch.
+    It equals unlearn_loss(..., retain_weight=1, normalize="reference").loss.
     """
     label = is_forget.float() * 2 - 1
+    target = torch.where(is_forget.bool().view(-1, *([1] * (student.dim() - 1))), forget_target, retain_target)
     per_sample = ((student.float() - target.float()) ** 2).reshape(student.shape[0], -1).mean(dim=1)
     return ((1 - label) * per_sample + forget_weight * (1 + label) * per_sample).mean()

@@ -56,7 +56,7 @@ def unlearn_loss(
     loss, retain_loss, forget_loss, _ = torch.ops.fastforget.unlearn_loss(
         _rows(student, batch), _rows(retain_target.detach(), batch), _rows(forget_target.detach(), batch),
         flags.contiguous().view(torch.uint8), float(retain_weight), float(forget_weight),
-        normalize == "set", compute_grad, backends.requested_backend(backend),
+        normalize == "set", compute_grad, True, backends.requested_backend(backend),
     )
     return UnlearnLossOutput(loss, retain_loss, forget_loss)
 
@@ -133,12 +133,17 @@ def _grad_weight(w: float) -> float:
     return w if w != 0.0 else 1.0  # as csrc/common/unlearn_loss_math.h
 
 
-def _torch_scale_grad_(grad, is_forget, grad_loss, grad_retain, grad_forget, retain_weight, forget_weight):
-    zero = torch.zeros((), device=grad.device)
+def _row_scale(is_forget, grad_loss, grad_retain, grad_forget, retain_weight, forget_weight) -> Tensor:
+    """(rows,) float32: what each row's saved gradient is multiplied by in backward."""
+    zero = torch.zeros((), device=is_forget.device)
     g = grad_loss if grad_loss is not None else zero
     scale_retain = (g * retain_weight + (grad_retain if grad_retain is not None else zero)) / _grad_weight(retain_weight)
     scale_forget = (g * forget_weight + (grad_forget if grad_forget is not None else zero)) / _grad_weight(forget_weight)
-    scale = torch.where(is_forget.bool(), scale_forget, scale_retain)
+    return torch.where(is_forget.bool(), scale_forget, scale_retain)
+
+
+def _torch_scale_grad_(grad, is_forget, grad_loss, grad_retain, grad_forget, retain_weight, forget_weight):
+    scale = _row_scale(is_forget, grad_loss, grad_retain, grad_forget, retain_weight, forget_weight)
     grad.copy_(grad.float() * scale[:, None])
 
 
@@ -169,8 +174,15 @@ def _scale_impl(name: str):
 @torch.library.custom_op("fastforget::unlearn_loss", mutates_args=())
 def _unlearn_loss_op(
     student: Tensor, retain_target: Tensor, forget_target: Tensor, is_forget: Tensor,
-    retain_weight: float, forget_weight: float, normalize_set: bool, compute_grad: bool, backend: str,
+    retain_weight: float, forget_weight: float, normalize_set: bool, compute_grad: bool,
+    inplace_backward: bool, backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(loss, retain_loss, forget_loss, grad) of (rows, cols) inputs, is_forget (rows,) uint8.
+
+    grad is d loss / d student when compute_grad, else empty: the op's gradient workspace. With
+    inplace_backward, eager backward rescales it in place (the caller must not read it); without,
+    backward is functional.
+    """
     name = backends.select(
         "unlearn_loss", backend, student.device, lambda n: _not_supported(n, student, retain_target)
     )
@@ -181,7 +193,7 @@ def _unlearn_loss_op(
 
 @_unlearn_loss_op.register_fake
 def _(student, retain_target, forget_target, is_forget, retain_weight, forget_weight, normalize_set, compute_grad,
-      backend):
+      inplace_backward, backend):
     scalar = student.new_empty((), dtype=torch.float32)
     grad = student.new_empty(student.shape if compute_grad else (0,))
     return scalar, scalar.clone(), scalar.clone(), grad
@@ -202,20 +214,27 @@ def _(grad, is_forget, grad_loss, grad_retain, grad_forget, retain_weight, forge
 
 
 def _setup_context(ctx, inputs, output):
-    _, _, _, is_forget, retain_weight, forget_weight, _, compute_grad, backend = inputs
+    _, _, _, is_forget, retain_weight, forget_weight, _, _, inplace_backward, backend = inputs
     ctx.save_for_backward(output[3], is_forget)
-    ctx.retain_weight, ctx.forget_weight, ctx.backend = retain_weight, forget_weight, backend
+    ctx.mark_non_differentiable(output[3])
+    ctx.set_materialize_grads(False)  # unused outputs give None, not zero-filled tensors
+    ctx.retain_weight, ctx.forget_weight = retain_weight, forget_weight
+    ctx.inplace_backward, ctx.backend = inplace_backward, backend
 
 
 def _backward(ctx, grad_loss, grad_retain, grad_forget, _grad_of_grad):
-    # The saved gradient is consumed in place: a second backward through the same graph is refused
-    # by autograd's version check ("modified by an inplace operation"); sum the outputs instead.
     grad, is_forget = ctx.saved_tensors
-    torch.ops.fastforget.unlearn_loss_scale_grad_(
-        grad, is_forget, _as_f32(grad_loss), _as_f32(grad_retain), _as_f32(grad_forget),
-        ctx.retain_weight, ctx.forget_weight, ctx.backend,
-    )
-    return grad, None, None, None, None, None, None, None, None
+    grads = (_as_f32(grad_loss), _as_f32(grad_retain), _as_f32(grad_forget), ctx.retain_weight, ctx.forget_weight)
+    if ctx.inplace_backward and type(grad) is torch.Tensor:
+        # Eager: rescale the saved gradient in place, skipped on the device when the scale is 1.
+        # It is consumed: a second backward through the same graph is refused by autograd's
+        # version check ("modified by an inplace operation"); sum the outputs instead.
+        torch.ops.fastforget.unlearn_loss_scale_grad_(grad, is_forget, *grads, ctx.backend)
+    else:
+        # Traced (torch.compile, export) or asked: a functional multiply. Under torch.compile
+        # Inductor fuses it into the consumer of the gradient: no pass of its own either.
+        grad = (grad.float() * _row_scale(is_forget, *grads)[:, None]).to(grad.dtype)
+    return grad, None, None, None, None, None, None, None, None, None
 
 
 def _as_f32(g: Optional[Tensor]) -> Optional[Tensor]:

@@ -1,0 +1,1 @@
+"""Benchmarks behind `fastforget bench`: each op against its eager reference and torch.compile."""
