@@ -184,3 +184,30 @@ def scale_grad_(grad, is_forget, grad_loss, grad_retain, grad_forget, retain_wei
         HAS_GRAD_LOSS=grad_loss is not None, HAS_GRAD_RETAIN=grad_retain is not None,
         HAS_GRAD_FORGET=grad_forget is not None, BLOCK=BLOCK, STEPS=STEPS, num_warps=NUM_WARPS,
     )
+
+
+def aot_variants():
+    """(kernel, signature, constexprs, aligned int args, num_warps) of every variant the launchers
+    can produce, for ahead-of-time compilation checks (kernels/aot.py)."""
+    ints = dict(rows="i32", cols="i32", student_stride="i32", retain_stride="i32", forget_stride="i32", chunks="i32")
+    floats = dict(retain_weight="fp32", forget_weight="fp32")
+    for s_ty, t_ty in (("fp32", "fp32"), ("bf16", "bf16"), ("fp16", "fp16"), ("bf16", "fp32")):
+        ptrs = dict(student_ptr=f"*{s_ty}", retain_ptr=f"*{t_ty}", forget_ptr=f"*{t_ty}", is_forget_ptr="*u8",
+                    grad_ptr=f"*{s_ty}", partial_ptr="*fp32", count_ptr="*i32")
+        for normalize_set in (True, False):
+            for write_grad, inline_count in ((True, True), (True, False), (False, True)):
+                yield forward_kernel, {**ptrs, **ints, **floats}, dict(
+                    NORMALIZE_SET=normalize_set, WRITE_GRAD=write_grad, INLINE_COUNT=inline_count,
+                    BLOCK=BLOCK, STEPS=STEPS, COUNT_BLOCK=COUNT_BLOCK), ("cols", "student_stride"), NUM_WARPS
+        for has in ((True, True, True), (True, False, False)):
+            yield scale_kernel, dict(grad_ptr=f"*{s_ty}", is_forget_ptr="*u8", grad_loss_ptr="*fp32",
+                                     grad_retain_ptr="*fp32", grad_forget_ptr="*fp32", cols="i32", chunks="i32",
+                                     **floats), dict(
+                HAS_GRAD_LOSS=has[0], HAS_GRAD_RETAIN=has[1], HAS_GRAD_FORGET=has[2], BLOCK=BLOCK,
+                STEPS=STEPS), ("cols",), NUM_WARPS
+    for normalize_set in (True, False):
+        yield finalize_kernel, dict(partial_ptr="*fp32", is_forget_ptr="*u8", loss_ptr="*fp32",
+                                    retain_loss_ptr="*fp32", forget_loss_ptr="*fp32", rows="i32", cols="i32",
+                                    chunks="i32", **floats), dict(
+            NORMALIZE_SET=normalize_set, BLOCK=FINALIZE_BLOCK), (), 4
+    yield count_kernel, dict(is_forget_ptr="*u8", count_ptr="*i32", rows="i32"), dict(COUNT_BLOCK=COUNT_BLOCK), (), 4

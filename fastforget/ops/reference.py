@@ -17,6 +17,7 @@ def unlearn_loss(
     retain_weight: float = 1.0,
     forget_weight: float = 0.2,
     normalize: str = "set",
+    upcast: bool = True,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(loss, retain_loss, forget_loss), each a 0-d float32 tensor.
 
@@ -26,11 +27,13 @@ def unlearn_loss(
     normalize="set": each loss is the mean of d_b over its own rows (0 for an empty set).
     normalize="reference": each loss is (2/B) * sum of d_b over its rows, as the reference code's
     compute_loss (per-sample mean, weights 1 - label and 1 + label, mean over the batch).
+    upcast=False computes in the inputs' own dtype: the "same-precision PyTorch" yardstick of the
+    low-precision tests.
     """
     forget = is_forget.bool()
     batch = student.shape[0]
     target = torch.where(forget.view(-1, *([1] * (student.dim() - 1))), forget_target, retain_target)
-    diff = student.float() - target.float()
+    diff = student.float() - target.float() if upcast else student - target.to(student.dtype)
     d = diff.pow(2).reshape(batch, -1).mean(dim=1)
     if normalize == "set":
         n_forget = forget.sum()

@@ -1,0 +1,49 @@
+"""Ahead-of-time compilation of the Triton kernels for a GPU, with no GPU present.
+
+`python -m fastforget.kernels.aot` compiles every variant that kernels/<op>.py's aot_variants()
+lists for sm_90 (H100/H200) and reports each kernel's memory instructions, so a kernel the
+interpreter accepts but the compiler rejects fails in CI, and the PTX shows 16-byte accesses.
+Must run without TRITON_INTERPRET (the interpreter replaces @triton.jit functions).
+"""
+from __future__ import annotations
+
+import re
+import sys
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from . import unlearn_loss
+
+MODULES = (unlearn_loss,)
+H200 = GPUTarget("cuda", 90, 32)
+
+
+def compile_variant(kernel, signature, constexprs, aligned, num_warps, target=H200):
+    """The compiled kernel. Pointers are 16-byte aligned (torch allocations are); so are the int
+    arguments named in `aligned`, as Triton's specialisation finds them at run time."""
+    names = kernel.arg_names
+    full = {name: signature.get(name, "constexpr") for name in names}
+    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in names
+             if full[n].startswith("*") or n in aligned}
+    src = ASTSource(fn=kernel, signature=full, constexprs=constexprs, attrs=attrs)
+    return triton.compile(src, target=target, options={"num_warps": num_warps})
+
+
+def memory_ops(ptx: str) -> list[str]:
+    return sorted(set(re.findall(r"\b(?:ld|st)\.global[.\w]*", ptx)))
+
+
+def main() -> int:
+    for module in MODULES:
+        for kernel, signature, constexprs, aligned, num_warps in module.aot_variants():
+            compiled = compile_variant(kernel, signature, constexprs, aligned, num_warps)
+            switches = ",".join(f"{k}={int(v)}" for k, v in constexprs.items() if isinstance(v, bool))
+            dtype = signature.get("student_ptr") or signature.get("grad_ptr") or ""
+            print(f"{kernel.__name__:<16} {dtype:<6} {switches:<50} {' '.join(memory_ops(compiled.asm['ptx']))}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

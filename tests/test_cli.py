@@ -1,0 +1,20 @@
+"""The fastforget command."""
+from fastforget import cli
+from fastforget.ops import backends
+
+
+def test_info_lists_every_backend(capsys):
+    assert cli.main(["info"]) == 0
+    out = capsys.readouterr().out
+    for name in backends.BACKENDS:
+        assert f"  {name}" in out
+    assert "cpu     available" in out
+
+
+def test_bench_loss_runs_and_writes_csv(tmp_path, capsys):
+    csv = tmp_path / "loss.csv"
+    assert cli.main(["bench", "loss", "--shape", "4", "8", "--reps", "1", "--device", "cpu", "--csv", str(csv)]) == 0
+    out = capsys.readouterr().out
+    assert "copy bandwidth" in out and "eager" in out and "cpu" in out
+    rows = csv.read_text().splitlines()
+    assert rows[0].startswith("provider,") and any(r.startswith("cpu,4x8,float32,cpu,") for r in rows[1:])
