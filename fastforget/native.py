@@ -83,11 +83,24 @@ def _cuda_include_dirs() -> list[str]:
     return [d for d in dict.fromkeys(dirs) if os.path.isdir(d)]
 
 
+# Vector ISA flags per ATen's CPU capability (what torch itself dispatches to on this machine).
+_CPU_ISA_FLAGS = {
+    "AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx2", "-mfma"],
+    "AVX2": ["-mavx2", "-mfma"],
+}
+
+
+def cpu_capability() -> str:
+    """ATen's CPU capability here (DEFAULT, AVX2, AVX512, ...): the CPU extension is built for it."""
+    return torch.backends.cpu.get_cpu_capability()
+
+
 def _flags(name: str) -> dict:
     cflags = ["-O3"]  # torch picks the C++ standard its headers need
     if name == "cpu":
         # at::parallel_for is an OpenMP pragma in the header: without -fopenmp it runs serially.
-        return {"extra_cflags": cflags + ["-fopenmp"], "extra_ldflags": ["-fopenmp"]}
+        isa = _CPU_ISA_FLAGS.get(cpu_capability(), [])
+        return {"extra_cflags": cflags + isa + ["-fopenmp"], "extra_ldflags": ["-fopenmp"]}
     return {
         "extra_cflags": cflags,
         "extra_cuda_cflags": ["-O3", "-lineinfo"],
@@ -134,7 +147,7 @@ def load(name: str) -> str:
 
         build_dir = os.path.join(
             os.environ.get("FASTFORGET_CACHE", os.path.expanduser("~/.cache/fastforget")),
-            f"torch{torch.__version__}-{name}",
+            f"torch{torch.__version__}-{name}" + (f"-{cpu_capability().lower()}" if name == "cpu" else ""),
         )
         os.makedirs(build_dir, exist_ok=True)
         try:

@@ -17,42 +17,42 @@ inline float bits_float(uint32_t u) { float f; std::memcpy(&f, &u, 4); return f;
 inline float to_float(float x) { return x; }
 inline float to_float(bf16 x) { return bits_float(uint32_t(x.bits) << 16); }
 inline float to_float(f16 x) {
-  // IEEE half -> float, exact; subnormal halves are rescaled through the float unit.
-  const uint32_t sign = uint32_t(x.bits & 0x8000u) << 16;
-  const uint32_t exp = (x.bits >> 10) & 0x1fu;
-  const uint32_t man = x.bits & 0x3ffu;
-  if (exp == 0x1fu) return bits_float(sign | 0x7f800000u | (man << 13));  // inf / nan
-  if (exp == 0) {
-    const float mag = float(man) * 5.9604644775390625e-8f;  // man * 2^-24
-    return sign ? -mag : mag;
-  }
-  return bits_float(sign | ((exp + 112u) << 23) | (man << 13));
+  // IEEE half -> float, exact, branch-free (selects only, so loops over it vectorise): normal
+  // halves by re-biasing the exponent with one multiply, subnormals through a magic-number
+  // subtraction; infinities and NaNs come out of the multiply.
+  const uint32_t w = uint32_t(x.bits) << 16;
+  const uint32_t sign = w & 0x80000000u;
+  const uint32_t two_w = w + w;
+  const float normalized = bits_float((two_w >> 4) + (0xE0u << 23)) * 0x1.0p-112f;
+  const float denormalized = bits_float((two_w >> 17) | (126u << 23)) - 0.5f;
+  // Signed compares on values below 2^31: SSE/AVX2 have no unsigned 32-bit compare to select with.
+  const bool subnormal = int32_t(two_w >> 1) < int32_t(1u << 26);
+  return bits_float(sign | (subnormal ? float_bits(denormalized) : float_bits(normalized)));
 }
 
 template <typename T> T from_float(float f);
 template <> inline float from_float<float>(float f) { return f; }
 template <> inline bf16 from_float<bf16>(float f) {
-  uint32_t u = float_bits(f);
-  if ((u & 0x7fffffffu) > 0x7f800000u) return bf16{uint16_t((u >> 16) | 0x40u)};  // quiet nan
-  u += 0x7fffu + ((u >> 16) & 1u);  // round to nearest even
-  return bf16{uint16_t(u >> 16)};
+  // Round to nearest even; NaN stays a (quiet) NaN. Branch-free, so loops over it vectorise.
+  const uint32_t u = float_bits(f);
+  const uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+  const bool nan = (u & 0x7fffffffu) > 0x7f800000u;
+  return bf16{uint16_t(nan ? (u >> 16) | 0x40u : rounded)};
 }
 template <> inline f16 from_float<f16>(float f) {
-  // float -> IEEE half, round to nearest even, with overflow to inf and gradual underflow.
-  const uint32_t u = float_bits(f);
-  const uint16_t sign = uint16_t((u >> 16) & 0x8000u);
-  const uint32_t abs = u & 0x7fffffffu;
-  if (abs > 0x7f800000u) return f16{uint16_t(sign | 0x7e00u)};
-  if (abs >= 0x477ff000u) return f16{uint16_t(sign | 0x7c00u)};  // rounds to >= 65520: inf
-  if (abs < 0x38800000u) {  // below the smallest normal half: 2^-14
-    const float mag = bits_float(abs) * 16777216.0f;  // in units of 2^-24
-    const uint32_t q = uint32_t(mag);
-    const float rem = mag - float(q);
-    const uint32_t r = (rem > 0.5f || (rem == 0.5f && (q & 1u))) ? q + 1 : q;
-    return f16{uint16_t(sign | r)};
-  }
-  const uint32_t rounded = abs + 0xfffu + ((abs >> 13) & 1u);
-  return f16{uint16_t(sign | (((rounded >> 13) - (112u << 10)) & 0x7fffu))};
+  // float -> IEEE half, round to nearest even, branch-free: scaling by 2^112 then 2^-110 makes
+  // overflow become inf and lets the float unit round; adding a bias of the right exponent leaves
+  // the rounded half mantissa in the low bits (gradual underflow included). NaN stays NaN.
+  const uint32_t w = float_bits(f);
+  const uint32_t shl1_w = w + w;
+  const uint32_t sign = w & 0x80000000u;
+  uint32_t bias = shl1_w & 0xFF000000u;
+  bias = int32_t(bias >> 1) < 0x38800000 ? 0x71000000u : bias;  // signed compares: see to_float
+  const float base = bits_float((bias >> 1) + 0x07800000u) + (bits_float(w & 0x7fffffffu) * 0x1.0p+112f) * 0x1.0p-110f;
+  const uint32_t bits = float_bits(base);
+  const uint32_t nonsign = ((bits >> 13) & 0x00007C00u) + (bits & 0x00000FFFu);
+  const bool nan = int32_t(shl1_w >> 1) > 0x7F800000;
+  return f16{uint16_t((sign >> 16) | (nan ? 0x7E00u : nonsign))};
 }
 
 // Calls fn with a null pointer of the C++ type that `dtype` names, to pick a template instance.

@@ -115,7 +115,7 @@ def _torch_forward(student, retain, forget, is_forget, retain_weight, forget_wei
     if normalize_set:
         norm_retain, norm_forget = 1.0 / n_retain.clamp(min=1), 1.0 / n_forget.clamp(min=1)
     else:
-        norm_retain = norm_forget = torch.tensor(2.0 / rows, device=student.device)
+        norm_retain = norm_forget = torch.full((), 2.0 / rows, device=student.device)
     retain_loss = torch.where(forget_rows, 0.0, row_sq).sum() / cols * norm_retain
     forget_loss = torch.where(forget_rows, row_sq, 0.0).sum() / cols * norm_forget
     loss = retain_weight * retain_loss + forget_weight * forget_loss
