@@ -1,7 +1,7 @@
 """Fused forget/retain embedding-distance loss in Triton.
 
 Shapes: student, retain, forget (rows, cols) with unit column stride; is_forget (rows,) uint8;
-grad (rows, cols) contiguous in the student's dtype. The algebra is csrc/common/unlearn_loss_math.h:
+grad (rows, cols) contiguous in the student's dtype. The algebra is csrc/common/unlearn_loss.h:
 the forward writes grad = c * norm * 2 (s - t) / cols = d loss / d student, and backward multiplies
 by (grad_loss * w + grad_set) / c, skipped on the device when that is exactly 1.
 """

@@ -31,8 +31,10 @@ float chunk_sum_sq(const S* s, const T* t, S* g, int64_t n, float coef) {
 }
 
 template <typename S, typename T>
-void run_chunks(const UnlearnLossArgs& a, int64_t task_begin, int64_t task_end, float* partial) {
+void run_chunks(const UnlearnLossArgs& a, int64_t n_forget, int64_t task_begin, int64_t task_end, float* partial) {
   const int64_t chunks = num_chunks(a.cols);
+  const float coef_retain = grad_coef(a.normalize_set, a.rows - n_forget, a.rows, a.cols, a.retain_weight);
+  const float coef_forget = grad_coef(a.normalize_set, n_forget, a.rows, a.cols, a.forget_weight);
   for (int64_t task = task_begin; task < task_end; ++task) {
     const int64_t row = task / chunks, begin = (task % chunks) * kChunk;
     const int64_t n = begin < a.cols ? (a.cols - begin < kChunk ? a.cols - begin : kChunk) : 0;
@@ -42,7 +44,7 @@ void run_chunks(const UnlearnLossArgs& a, int64_t task_begin, int64_t task_end, 
                         : static_cast<const T*>(a.retain) + row * a.retain_stride + begin;
     if (a.grad != nullptr) {
       S* g = static_cast<S*>(a.grad) + row * a.cols + begin;
-      partial[task] = chunk_sum_sq<S, T, true>(s, t, g, n, forget ? a.grad_coef_forget : a.grad_coef_retain);
+      partial[task] = chunk_sum_sq<S, T, true>(s, t, g, n, forget ? coef_forget : coef_retain);
     } else {
       partial[task] = chunk_sum_sq<S, T, false>(s, t, nullptr, n, 0.0f);
     }
@@ -56,12 +58,13 @@ void scale_chunk(S* g, int64_t n, float scale) {
 
 }  // namespace
 
-void unlearn_loss_chunks(const UnlearnLossArgs& args, int64_t task_begin, int64_t task_end, float* partial) {
+void unlearn_loss_chunks(const UnlearnLossArgs& args, int64_t n_forget, int64_t task_begin, int64_t task_end,
+                         float* partial) {
   dispatch_dtype(args.student_dtype, [&](auto* s_tag) {
     dispatch_dtype(args.target_dtype, [&](auto* t_tag) {
       using S = std::remove_pointer_t<decltype(s_tag)>;
       using T = std::remove_pointer_t<decltype(t_tag)>;
-      run_chunks<S, T>(args, task_begin, task_end, partial);
+      run_chunks<S, T>(args, n_forget, task_begin, task_end, partial);
     });
   });
 }

@@ -4,7 +4,6 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
-#include "../common/unlearn_loss_math.h"
 #include "unlearn_loss.h"
 
 namespace fastforget {
@@ -91,7 +90,7 @@ __global__ void __launch_bounds__(kThreads) count_kernel(const uint8_t* is_forge
 // One block per (row, chunk) of kChunk columns; partial[block] = sum of squared differences.
 template <typename S, typename T, bool kAligned>
 __global__ void __launch_bounds__(kThreads)
-    forward_kernel(CudaLossArgs a, const int* pre_count, float* partial) {
+    forward_kernel(UnlearnLossArgs a, const int* pre_count, float* partial) {
   const int64_t chunks = (a.cols + kChunk - 1) / kChunk;
   const int64_t row = blockIdx.x / chunks;
   const int64_t begin = (blockIdx.x % chunks) * kChunk;
@@ -138,7 +137,7 @@ __global__ void __launch_bounds__(kThreads)
 
 // One block: per-row sums of the partials, then each set's sum, in a fixed order.
 __global__ void __launch_bounds__(kFinalizeThreads)
-    finalize_kernel(const float* partial, CudaLossArgs a, float* loss, float* retain_loss, float* forget_loss) {
+    finalize_kernel(const float* partial, UnlearnLossArgs a, float* loss, float* retain_loss, float* forget_loss) {
   const int64_t chunks = (a.cols + kChunk - 1) / kChunk;
   float sum_retain = 0.0f, sum_forget = 0.0f;
   int n_forget = 0;
@@ -207,7 +206,7 @@ int64_t dtype_size(DType d) { return d == DType::kFloat32 ? 4 : 2; }
 
 int64_t unlearn_loss_scratch_floats(int64_t rows, int64_t cols) { return rows * ((cols + kChunk - 1) / kChunk); }
 
-cudaError_t launch_unlearn_loss_forward(const CudaLossArgs& a, float* scratch, int* count_scratch, float* loss,
+cudaError_t launch_unlearn_loss_forward(const UnlearnLossArgs& a, float* scratch, int* count_scratch, float* loss,
                                  float* retain_loss, float* forget_loss, cudaStream_t stream) {
   const int64_t blocks = unlearn_loss_scratch_floats(a.rows, a.cols);
   const int64_t ss = dtype_size(a.student_dtype), ts = dtype_size(a.target_dtype);

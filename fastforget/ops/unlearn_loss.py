@@ -130,7 +130,7 @@ def _torch_forward(student, retain, forget, is_forget, retain_weight, forget_wei
 
 
 def _grad_weight(w: float) -> float:
-    return w if w != 0.0 else 1.0  # as csrc/common/unlearn_loss_math.h
+    return w if w != 0.0 else 1.0  # as csrc/common/unlearn_loss.h
 
 
 def _row_scale(is_forget, grad_loss, grad_retain, grad_forget, retain_weight, forget_weight) -> Tensor:
@@ -147,24 +147,15 @@ def _torch_scale_grad_(grad, is_forget, grad_loss, grad_retain, grad_forget, ret
     grad.copy_(grad.float() * scale[:, None])
 
 
-def _forward_impl(name: str):
+def _impl(name: str, torch_fn, triton_fn: str, native_op: str):
+    """The function of backend `name`: torch_fn, kernels.unlearn_loss.<triton_fn> or the native op."""
     if name == "torch":
-        return _torch_forward
+        return torch_fn
     if name == "triton":
         from ..kernels import unlearn_loss as kernel
 
-        return kernel.forward
-    return getattr(backends.native.ops(name), "unlearn_loss_forward")
-
-
-def _scale_impl(name: str):
-    if name == "torch":
-        return _torch_scale_grad_
-    if name == "triton":
-        from ..kernels import unlearn_loss as kernel
-
-        return kernel.scale_grad_
-    return getattr(backends.native.ops(name), "unlearn_loss_scale_grad")
+        return getattr(kernel, triton_fn)
+    return getattr(backends.native.ops(name), native_op)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -186,7 +177,7 @@ def _unlearn_loss_op(
     name = backends.select(
         "unlearn_loss", backend, student.device, lambda n: _not_supported(n, student, retain_target)
     )
-    return _forward_impl(name)(
+    return _impl(name, _torch_forward, "forward", "unlearn_loss_forward")(
         student, retain_target, forget_target, is_forget, retain_weight, forget_weight, normalize_set, compute_grad
     )
 
@@ -205,7 +196,8 @@ def _scale_grad_op(
     grad_forget: Optional[Tensor], retain_weight: float, forget_weight: float, backend: str,
 ) -> None:
     name = backends.select("unlearn_loss backward", backend, grad.device, lambda n: [])
-    _scale_impl(name)(grad, is_forget, grad_loss, grad_retain, grad_forget, retain_weight, forget_weight)
+    _impl(name, _torch_scale_grad_, "scale_grad_", "unlearn_loss_scale_grad")(
+        grad, is_forget, grad_loss, grad_retain, grad_forget, retain_weight, forget_weight)
 
 
 @_scale_grad_op.register_fake

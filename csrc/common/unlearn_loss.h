@@ -1,4 +1,4 @@
-// The loss's scalar algebra, shared by the CPU and CUDA kernels (host and device).
+// The loss's arguments and scalar algebra, shared by the CPU and CUDA kernels (host and device).
 //
 // Row b's distance is d_b = sum_sq_b / cols. A set's loss is norm * sum of its rows' d_b, with
 // norm = 1 / max(rows in the set, 1) ("set") or 2 / batch ("reference"); loss = w_R L_R + w_F L_F.
@@ -8,6 +8,8 @@
 #pragma once
 #include <cstdint>
 
+#include "dtype.h"
+
 #if defined(__CUDACC__)
 #define FF_HOST_DEVICE __host__ __device__ __forceinline__
 #else
@@ -15,6 +17,18 @@
 #endif
 
 namespace fastforget {
+
+// Rows are `cols` contiguous elements, `*_stride` elements apart.
+struct UnlearnLossArgs {
+  const void* student; int64_t student_stride; DType student_dtype;
+  const void* retain; int64_t retain_stride;
+  const void* forget; int64_t forget_stride; DType target_dtype;  // both targets share a dtype
+  const uint8_t* is_forget;  // (rows,), nonzero = forget row
+  int64_t rows, cols;
+  void* grad;  // (rows, cols) contiguous in the student's dtype, or null: no gradient wanted
+  float retain_weight, forget_weight;
+  bool normalize_set;
+};
 
 FF_HOST_DEVICE float set_norm(bool normalize_set, int64_t rows_in_set, int64_t batch) {
   return normalize_set ? 1.0f / float(rows_in_set > 0 ? rows_in_set : 1) : 2.0f / float(batch);

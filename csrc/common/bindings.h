@@ -1,0 +1,58 @@
+// What both extensions' bindings share: op schemas, tensor checks, and tensors -> kernel args.
+// Included by bindings.cpp files only (it needs torch); kernels stay torch-free.
+#pragma once
+#include <torch/torch.h>
+
+#include "unlearn_loss.h"
+
+namespace fastforget {
+
+constexpr const char* kUnlearnLossForwardSchema =
+    "unlearn_loss_forward(Tensor student, Tensor retain_target, Tensor forget_target, Tensor is_forget, "
+    "float retain_weight, float forget_weight, bool normalize_set, bool compute_grad) "
+    "-> (Tensor, Tensor, Tensor, Tensor)";
+constexpr const char* kUnlearnLossScaleGradSchema =
+    "unlearn_loss_scale_grad(Tensor(a!) grad, Tensor is_forget, Tensor? grad_loss, Tensor? grad_retain, "
+    "Tensor? grad_forget, float retain_weight, float forget_weight) -> ()";
+
+inline DType dtype_of(const at::Tensor& t, const char* name) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return DType::kFloat32;
+    case at::kHalf: return DType::kFloat16;
+    case at::kBFloat16: return DType::kBFloat16;
+    default: TORCH_CHECK(false, name, " must be float32, float16 or bfloat16, got ", t.scalar_type());
+  }
+}
+
+inline const uint8_t* forget_flags(const at::Tensor& is_forget, const at::Tensor& like) {
+  TORCH_CHECK(is_forget.device() == like.device() && is_forget.dim() == 1 && is_forget.size(0) == like.size(0) &&
+                  is_forget.is_contiguous(),
+              "is_forget must be a contiguous (", like.size(0), ",) tensor on ", like.device(), ", got ",
+              is_forget.sizes(), " on ", is_forget.device());
+  TORCH_CHECK(is_forget.scalar_type() == at::kBool || is_forget.scalar_type() == at::kByte,
+              "is_forget must be bool or uint8, got ", is_forget.scalar_type());
+  return reinterpret_cast<const uint8_t*>(is_forget.data_ptr());
+}
+
+// Checks the forward's inputs (2-D rows with unit column stride, on one device) and points the
+// kernel arguments at them; grad is filled in by the caller.
+inline UnlearnLossArgs unlearn_loss_args(const at::Tensor& student, const at::Tensor& retain,
+                                         const at::Tensor& forget, const at::Tensor& is_forget,
+                                         double retain_weight, double forget_weight, bool normalize_set) {
+  TORCH_CHECK(student.dim() == 2 && student.numel() > 0, "student must be a non-empty 2-D tensor, got ",
+              student.sizes());
+  for (const auto& [t, name] : {std::pair{&student, "student"}, {&retain, "retain_target"}, {&forget, "forget_target"}}) {
+    TORCH_CHECK(t->device() == student.device(), name, " must be on ", student.device(), ", got ", t->device());
+    TORCH_CHECK(t->sizes() == student.sizes(), name, " must have shape ", student.sizes(), ", got ", t->sizes());
+    TORCH_CHECK(t->stride(1) == 1 || t->size(1) == 1, name, " must have contiguous rows, got strides ", t->strides());
+  }
+  TORCH_CHECK(retain.scalar_type() == forget.scalar_type(), "retain_target and forget_target must share a dtype, got ",
+              retain.scalar_type(), " and ", forget.scalar_type());
+  return UnlearnLossArgs{student.data_ptr(), student.stride(0), dtype_of(student, "student"),
+                         retain.data_ptr(), retain.stride(0),
+                         forget.data_ptr(), forget.stride(0), dtype_of(retain, "retain_target"),
+                         forget_flags(is_forget, student), student.size(0), student.size(1), nullptr,
+                         float(retain_weight), float(forget_weight), normalize_set};
+}
+
+}  // namespace fastforget
