@@ -4,7 +4,7 @@ Fused kernels (Triton, CUDA, C++) for the forget/retain embedding-distance loss 
 and Marculescu (ICLR 2024), registered as torch custom ops with autograd.
 """
 from . import nn
-from .ops import UnlearnLossOutput, unlearn_loss
+from .ops import UnlearnLossOutput, make_teacher_batch, unlearn_loss
 
 __version__ = "0.1.0"
-__all__ = ["UnlearnLossOutput", "nn", "unlearn_loss", "__version__"]
+__all__ = ["UnlearnLossOutput", "make_teacher_batch", "nn", "unlearn_loss", "__version__"]

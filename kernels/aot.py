@@ -14,9 +14,9 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from . import unlearn_loss
+from . import teacher_batch, unlearn_loss
 
-MODULES = (unlearn_loss,)
+MODULES = (unlearn_loss, teacher_batch)
 H200 = GPUTarget("cuda", 90, 32)
 
 
@@ -39,7 +39,7 @@ def main() -> int:
     for module in MODULES:
         for kernel, signature, constexprs, aligned, num_warps in module.aot_variants():
             compiled = compile_variant(kernel, signature, constexprs, aligned, num_warps)
-            switches = ",".join(f"{k}={int(v)}" for k, v in constexprs.items() if isinstance(v, bool))
+            switches = ",".join(f"{k}={int(v)}" for k, v in constexprs.items() if "BLOCK" not in k and k != "STEPS")
             dtype = signature.get("student_ptr") or signature.get("grad_ptr") or ""
             print(f"{kernel.__name__:<16} {dtype:<6} {switches:<50} {' '.join(memory_ops(compiled.asm['ptx']))}")
     return 0

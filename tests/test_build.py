@@ -13,6 +13,7 @@ def test_cpu_extension_builds_and_registers_its_ops():
     assert native.unavailable_reason("cpu") is None
     assert hasattr(native.ops("cpu"), "unlearn_loss_forward")
     assert hasattr(native.ops("cpu"), "unlearn_loss_scale_grad")
+    assert hasattr(native.ops("cpu"), "make_teacher_batch")
 
 
 @pytest.mark.skipif(native.cuda_home() is None or torch.version.cuda is None,
@@ -22,6 +23,7 @@ def test_cuda_extension_compiles():
     assert native.unavailable_reason("cuda") is None
     assert hasattr(native.ops("cuda"), "unlearn_loss_forward")
     assert hasattr(native.ops("cuda"), "unlearn_loss_scale_grad")
+    assert hasattr(native.ops("cuda"), "make_teacher_batch")
 
 
 def test_triton_kernels_compile_for_sm90_with_wide_accesses():
@@ -33,7 +35,10 @@ def test_triton_kernels_compile_for_sm90_with_wide_accesses():
     forward = [line for line in lines if line.startswith("forward_kernel")]
     assert len(forward) == 24 and all("ld.global.v4" in line for line in forward)
     assert all("st.global.v4" in line for line in forward if "WRITE_GRAD=1" in line)
-    assert any(line.startswith(name) for line in lines for name in ("finalize_kernel", "count_kernel", "scale_kernel"))
+    for name in ("finalize_kernel", "count_kernel", "scale_kernel", "moments_kernel", "merge_kernel"):
+        assert any(line.startswith(name) for line in lines), name
+    teacher_out = [line for line in lines if line.startswith("output_kernel")]
+    assert len(teacher_out) == 18 and all("st.global.v4" in line for line in teacher_out)
 
 
 def test_missing_compiler_is_a_reason_not_a_crash(monkeypatch):

@@ -5,10 +5,12 @@
 #include <torch/torch.h>
 
 #include <algorithm>
+#include <cmath>
 #include <mutex>
 #include <vector>
 
 #include "../common/bindings.h"
+#include "teacher_batch.h"
 #include "unlearn_loss.h"
 
 namespace fastforget {
@@ -93,15 +95,40 @@ void unlearn_loss_scale_grad(at::Tensor& grad, const at::Tensor& is_forget, cons
   });
 }
 
+at::Tensor make_teacher_batch(const at::Tensor& images, const at::Tensor& is_forget, const at::Tensor& seed,
+                              int64_t noise, std::optional<double> clamp_lo, std::optional<double> clamp_hi) {
+  TORCH_CHECK(images.device().is_cpu(), "images must be on the CPU, got ", images.device());
+  at::Tensor out;
+  const TeacherBatchArgs args = teacher_batch_args(images, is_forget, seed, noise, clamp_lo, clamp_hi, out);
+  float mean = 0.0f, std = 0.0f;
+  if (args.noise != Noise::kUniform) {  // statistics of the whole batch, merged in a fixed order
+    const int64_t numel = images.numel(), chunks = stats_chunks(numel);
+    std::vector<Moments> moments(chunks);
+    at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
+      teacher_batch_moments(args.images, args.dtype, numel, begin, end, moments.data());
+    });
+    Moments total{0.0, 0.0, 0.0};
+    for (const Moments& m : moments) total = merge(total, m);
+    mean = float(total.mean);
+    std = float(std::sqrt(total.m2 / (total.count - 1.0)));  // unbiased, as torch.std (nan for one element)
+  }
+  at::parallel_for(0, args.rows, std::max<int64_t>(1, (1 << 16) / args.row_numel), [&](int64_t begin, int64_t end) {
+    teacher_batch_rows(args, mean, std, begin, end);
+  });
+  return out;
+}
+
 }  // namespace
 }  // namespace fastforget
 
 TORCH_LIBRARY(fastforget_cpu, m) {
   m.def(fastforget::kUnlearnLossForwardSchema);
   m.def(fastforget::kUnlearnLossScaleGradSchema);
+  m.def(fastforget::kTeacherBatchSchema);
 }
 
 TORCH_LIBRARY_IMPL(fastforget_cpu, CPU, m) {
+  m.impl("make_teacher_batch", &fastforget::make_teacher_batch);
   m.impl("unlearn_loss_forward", &fastforget::unlearn_loss_forward);
   m.impl("unlearn_loss_scale_grad", &fastforget::unlearn_loss_scale_grad);
 }

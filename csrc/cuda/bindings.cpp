@@ -6,6 +6,7 @@
 #include <torch/torch.h>
 
 #include "../common/bindings.h"
+#include "teacher_batch.h"
 #include "unlearn_loss.h"
 
 namespace fastforget {
@@ -52,15 +53,28 @@ void unlearn_loss_scale_grad(at::Tensor& grad, const at::Tensor& is_forget, cons
       at::cuda::getCurrentCUDAStream()));
 }
 
+at::Tensor make_teacher_batch(const at::Tensor& images, const at::Tensor& is_forget, const at::Tensor& seed,
+                              int64_t noise, std::optional<double> clamp_lo, std::optional<double> clamp_hi) {
+  TORCH_CHECK(images.is_cuda(), "images must be a CUDA tensor, got ", images.device());
+  const c10::cuda::CUDAGuard guard(images.device());
+  at::Tensor out;
+  const TeacherBatchArgs args = teacher_batch_args(images, is_forget, seed, noise, clamp_lo, clamp_hi, out);
+  at::Tensor scratch = at::empty({teacher_batch_scratch_bytes(images.numel())}, images.options().dtype(at::kByte));
+  C10_CUDA_CHECK(launch_teacher_batch(args, scratch.data_ptr(), at::cuda::getCurrentCUDAStream()));
+  return out;
+}
+
 }  // namespace
 }  // namespace fastforget
 
 TORCH_LIBRARY(fastforget_cuda, m) {
   m.def(fastforget::kUnlearnLossForwardSchema);
   m.def(fastforget::kUnlearnLossScaleGradSchema);
+  m.def(fastforget::kTeacherBatchSchema);
 }
 
 TORCH_LIBRARY_IMPL(fastforget_cuda, CUDA, m) {
+  m.impl("make_teacher_batch", &fastforget::make_teacher_batch);
   m.impl("unlearn_loss_forward", &fastforget::unlearn_loss_forward);
   m.impl("unlearn_loss_scale_grad", &fastforget::unlearn_loss_scale_grad);
 }

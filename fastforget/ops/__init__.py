@@ -1,4 +1,5 @@
 """fastforget's ops: validated public functions over registered torch custom ops."""
+from .teacher_batch import make_teacher_batch
 from .unlearn_loss import UnlearnLossOutput, unlearn_loss
 
-__all__ = ["UnlearnLossOutput", "unlearn_loss"]
+__all__ = ["UnlearnLossOutput", "make_teacher_batch", "unlearn_loss"]

@@ -5,6 +5,8 @@ Slow on purpose: every step is a plain tensor op, so each line can be checked ag
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import Tensor
 
@@ -63,3 +65,74 @@ def reference_code_loss(
     target = torch.where(is_forget.bool().view(-1, *([1] * (student.dim() - 1))), forget_target, retain_target)
     per_sample = ((student.float() - target.float()) ** 2).reshape(student.shape[0], -1).mean(dim=1)
     return ((1 - label) * per_sample + forget_weight * (1 + label) * per_sample).mean()
+
+
+# ---------------------------------------------------------------------------------------------
+# The teacher batch and its noise stream (csrc/common/philox.h, in tensor arithmetic on int64).
+
+_MASK32 = 0xFFFFFFFF
+
+
+def _mul32(a: Tensor, m: int) -> tuple[Tensor, Tensor]:
+    """(high, low) 32 bits of a * m for uint32 values a (held in int64) and a uint32 constant m,
+    split in 16-bit halves so no product passes 2^63."""
+    m_hi, m_lo = m >> 16, m & 0xFFFF
+    a_hi, a_lo = a * m_hi, a * m_lo
+    high = (a_hi + (a_lo >> 16)) >> 16
+    low = (a_lo + ((a_hi & 0xFFFF) << 16)) & _MASK32
+    return high, low
+
+
+def philox4x32_10(counter: Tensor, seed: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Philox4x32-10 of non-negative int64 counters under an int64 seed: four uint32 (int64) blocks."""
+    c0, c1 = counter & _MASK32, (counter >> 32) & _MASK32
+    c2 = c3 = torch.zeros_like(counter)
+    k0, k1 = seed & _MASK32, (seed >> 32) & _MASK32
+    for _ in range(10):
+        hi0, lo0 = _mul32(c0, 0xD2511F53)
+        hi2, lo2 = _mul32(c2, 0xCD9E8D57)
+        c0, c1, c2, c3 = hi2 ^ c1 ^ k0, lo2, hi0 ^ c3 ^ k1, lo0
+        k0, k1 = (k0 + 0x9E3779B9) & _MASK32, (k1 + 0xBB67AE85) & _MASK32
+    return c0, c1, c2, c3
+
+
+def teacher_noise(numel: int, noise: str, seed: Tensor, device) -> Tensor:
+    """float32 noise for flat indices 0 .. numel-1: standard normal, or uniform in [0, 1)."""
+    i = torch.arange(numel, device=device, dtype=torch.int64)
+    if noise == "normal":
+        r0, r1, r2, r3 = philox4x32_10(i >> 1, seed)
+        odd = (i & 1) == 1
+        a, b = torch.where(odd, r2, r0), torch.where(odd, r3, r1)
+        u1 = ((a >> 8) + 1).float() * 2.0**-24
+        u2 = (b >> 8).float() * 2.0**-24
+        return torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(6.283185307179586 * u2)
+    r = torch.stack(philox4x32_10(i >> 2, seed), dim=1).gather(1, (i & 3)[:, None])[:, 0]
+    return (r >> 8).float() * 2.0**-24
+
+
+def make_teacher_batch(
+    images: Tensor, is_forget: Tensor, noise: str = "normal", clamp: Optional[tuple[float, float]] = (0.0, 1.0),
+    seed: Tensor | int = 0,
+) -> Tensor:
+    """Retain rows as they are; forget rows replaced by noise as the reference code makes it, from
+    fastforget's Philox stream under `seed`, then everything clamped to `clamp` (None: no clamp).
+
+    normal: randn * std(images) + mean(images), over the whole batch (std unbiased, as torch.std);
+    uniform: uniform over the clamp range ([0, 1) without one); constant: mean(images) everywhere.
+    """
+    seed = torch.as_tensor(seed, dtype=torch.int64, device=images.device).reshape(())
+    x = images.double()
+    mean, std = x.mean().float(), x.std().float()
+    lo, hi = clamp if clamp is not None else (0.0, 1.0)
+    if noise == "normal":
+        values = teacher_noise(images.numel(), "normal", seed, images.device) * std + mean
+    elif noise == "uniform":
+        values = lo + teacher_noise(images.numel(), "uniform", seed, images.device) * (hi - lo)
+    elif noise == "constant":
+        values = mean.expand(images.numel())
+    else:
+        raise ValueError(f"noise must be 'normal', 'uniform' or 'constant', got {noise!r}")
+    if clamp is not None:
+        values = values.clamp(lo, hi)
+    forget = is_forget.bool().view(-1, *([1] * (images.dim() - 1)))
+    return torch.where(forget, values.view(images.shape).to(images.dtype), images)
