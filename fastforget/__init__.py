@@ -1,10 +1,14 @@
 """fastforget: fast machine unlearning for image-to-image generative models.
 
-Fused kernels (Triton, CUDA, C++) for the forget/retain embedding-distance loss of Li, Hsu, Chen
-and Marculescu (ICLR 2024), registered as torch custom ops with autograd.
+Fused kernels (Triton, CUDA, C++) for the method of Li, Hsu, Chen and Marculescu (ICLR 2024): the
+forget/retain embedding-distance loss, the masked-patch encoding and the routed teacher batch,
+registered as torch custom ops with autograd.
 """
 from . import nn
-from .ops import UnlearnLossOutput, make_teacher_batch, unlearn_loss
+from .ops import UnlearnLossOutput, make_teacher_batch, masked_patch_embed, random_masking, unlearn_loss
 
 __version__ = "0.1.0"
-__all__ = ["UnlearnLossOutput", "make_teacher_batch", "nn", "unlearn_loss", "__version__"]
+__all__ = [
+    "UnlearnLossOutput", "make_teacher_batch", "masked_patch_embed", "nn", "random_masking", "unlearn_loss",
+    "__version__",
+]

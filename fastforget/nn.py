@@ -5,7 +5,7 @@ from typing import Optional
 
 from torch import Tensor, nn
 
-from .ops import UnlearnLossOutput, unlearn_loss
+from .ops import UnlearnLossOutput, masked_patch_embed, unlearn_loss
 
 
 class UnlearnLoss(nn.Module):
@@ -25,3 +25,26 @@ class UnlearnLoss(nn.Module):
     def extra_repr(self) -> str:
         return (f"retain_weight={self.retain_weight}, forget_weight={self.forget_weight}, "
                 f"normalize={self.normalize!r}, backend={self.backend!r}")
+
+
+class MaskedPatchEmbed(nn.Module):
+    """timm's PatchEmbed (parameters proj.weight, proj.bias, so MAE checkpoints load) that embeds
+    only the kept patches, through fastforget.masked_patch_embed.
+
+    forward(images, ids_keep, pos_embed, cls_token=None) -> (B, [1 +] K, embed_dim).
+    """
+
+    def __init__(self, img_size=224, patch_size: int = 16, in_chans: int = 3, embed_dim: int = 768,
+                 backend: Optional[str] = None):
+        super().__init__()
+        self.img_size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
+        self.patch_size = (patch_size, patch_size)
+        self.grid_size = (self.img_size[0] // patch_size, self.img_size[1] // patch_size)
+        self.num_patches = self.grid_size[0] * self.grid_size[1]
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
+        self.backend = backend
+
+    def forward(self, images: Tensor, ids_keep: Tensor, pos_embed: Tensor,
+                cls_token: Optional[Tensor] = None) -> Tensor:
+        return masked_patch_embed(images, self.proj.weight, self.proj.bias, pos_embed, ids_keep, cls_token,
+                                  backend=self.backend)

@@ -14,9 +14,9 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from . import teacher_batch, unlearn_loss
+from . import patch_embed, teacher_batch, unlearn_loss
 
-MODULES = (unlearn_loss, teacher_batch)
+MODULES = (unlearn_loss, teacher_batch, patch_embed)
 H200 = GPUTarget("cuda", 90, 32)
 
 
@@ -35,13 +35,20 @@ def memory_ops(ptx: str) -> list[str]:
     return sorted(set(re.findall(r"\b(?:ld|st)\.global[.\w]*", ptx)))
 
 
+def matrix_ops(ptx: str) -> list[str]:
+    """Tensor-core instructions (mma.sync, Hopper's wgmma) in the PTX."""
+    return sorted(set(re.findall(r"\b(?:wgmma\.mma_async|mma\.sync)[.\w]*", ptx)))
+
+
 def main() -> int:
     for module in MODULES:
         for kernel, signature, constexprs, aligned, num_warps in module.aot_variants():
             compiled = compile_variant(kernel, signature, constexprs, aligned, num_warps)
-            switches = ",".join(f"{k}={int(v)}" for k, v in constexprs.items() if "BLOCK" not in k and k != "STEPS")
-            dtype = signature.get("student_ptr") or signature.get("grad_ptr") or ""
-            print(f"{kernel.__name__:<16} {dtype:<6} {switches:<50} {' '.join(memory_ops(compiled.asm['ptx']))}")
+            switches = ",".join(f"{k}={v if isinstance(v, str) else int(v)}" for k, v in constexprs.items()
+                                if "BLOCK" not in k and k != "STEPS")
+            dtype = signature.get("student_ptr") or signature.get("grad_ptr") or signature.get("weight_ptr") or ""
+            ptx = compiled.asm["ptx"]
+            print(f"{kernel.__name__:<16} {dtype:<6} {switches:<50} {' '.join(memory_ops(ptx) + matrix_ops(ptx))}")
     return 0
 
 

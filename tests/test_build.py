@@ -39,6 +39,10 @@ def test_triton_kernels_compile_for_sm90_with_wide_accesses():
         assert any(line.startswith(name) for line in lines), name
     teacher_out = [line for line in lines if line.startswith("output_kernel")]
     assert len(teacher_out) == 18 and all("st.global.v4" in line for line in teacher_out)
+    patch = [line for line in lines if line.startswith("patch_embed_kernel")]
+    assert len(patch) == 20
+    # Hopper's tensor-core instruction for every 16-bit and tf32 variant.
+    assert all("wgmma.mma_async" in line for line in patch if "*bf16" in line or "*fp16" in line or "tf32" in line)
 
 
 def test_missing_compiler_is_a_reason_not_a_crash(monkeypatch):

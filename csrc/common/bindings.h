@@ -3,6 +3,7 @@
 #pragma once
 #include <torch/torch.h>
 
+#include "patch_embed.h"
 #include "teacher_batch.h"
 #include "unlearn_loss.h"
 
@@ -18,6 +19,10 @@ constexpr const char* kUnlearnLossScaleGradSchema =
 constexpr const char* kTeacherBatchSchema =
     "make_teacher_batch(Tensor images, Tensor is_forget, Tensor seed, int noise, float? clamp_lo, "
     "float? clamp_hi) -> Tensor";
+
+constexpr const char* kMaskedPatchEmbedSchema =
+    "masked_patch_embed(Tensor images, Tensor weight, Tensor? bias, Tensor pos_embed, Tensor ids_keep, "
+    "Tensor? cls_token) -> Tensor";
 
 inline DType dtype_of(const at::Tensor& t, const char* name) {
   switch (t.scalar_type()) {
@@ -75,6 +80,48 @@ inline TeacherBatchArgs teacher_batch_args(const at::Tensor& images, const at::T
                           forget_flags(is_forget, images), images.size(0), images.numel() / images.size(0),
                           seed.data_ptr<int64_t>(), Noise(noise), clamp_lo.has_value(),
                           float(clamp_lo.value_or(0.0)), float(clamp_hi.value_or(1.0))};
+}
+
+// The masked-patch encoding, given how this device gathers: checks the inputs (contiguous images
+// (B, C, H, W), weight (D, C, p, p), pos (1, 1 + L, D), ids (B, K) int64; bias and cls optional,
+// parameters of one dtype), gathers the kept patches with their epilogue rows, then one GEMM
+// accumulates patches @ weight^T onto those rows. Returns (B, tokens, D).
+template <typename Gather>
+at::Tensor masked_patch_embed_with(const at::Tensor& images, const at::Tensor& weight,
+                                   const std::optional<at::Tensor>& bias, const at::Tensor& pos,
+                                   const at::Tensor& ids_keep, const std::optional<at::Tensor>& cls, Gather&& gather) {
+  TORCH_CHECK(images.dim() == 4 && images.is_contiguous(), "images must be contiguous (B, C, H, W), got ",
+              images.sizes());
+  TORCH_CHECK(weight.dim() == 4 && weight.is_contiguous() && weight.size(1) == images.size(1) &&
+                  weight.size(2) == weight.size(3),
+              "weight must be contiguous (D, C, p, p) with C = ", images.size(1), ", got ", weight.sizes());
+  const int64_t B = images.size(0), C = images.size(1), H = images.size(2), W = images.size(3);
+  const int64_t D = weight.size(0), p = weight.size(2);
+  TORCH_CHECK(H % p == 0 && W % p == 0, "images' height and width must be multiples of ", p);
+  const int64_t L = (H / p) * (W / p);
+  TORCH_CHECK(pos.is_contiguous() && pos.numel() == (1 + L) * D, "pos_embed must be contiguous (1, ", 1 + L, ", ",
+              D, "), got ", pos.sizes());
+  TORCH_CHECK(ids_keep.dim() == 2 && ids_keep.size(0) == B && ids_keep.scalar_type() == at::kLong &&
+                  ids_keep.is_contiguous(),
+              "ids_keep must be contiguous int64 (", B, ", K), got ", ids_keep.sizes());
+  for (const auto& [t, name] : {std::pair{&weight, "weight"}, {&pos, "pos_embed"}, {&ids_keep, "ids_keep"}})
+    TORCH_CHECK(t->device() == images.device(), name, " must be on ", images.device());
+  for (const auto& [t, name] : {std::pair{&bias, "bias"}, {&cls, "cls_token"}})
+    if (t->has_value())
+      TORCH_CHECK((*t)->is_contiguous() && (*t)->numel() == D && (*t)->scalar_type() == weight.scalar_type() &&
+                      (*t)->device() == images.device(),
+                  name, " must be a contiguous tensor of ", D, " ", weight.scalar_type(), " on ", images.device());
+  TORCH_CHECK(pos.scalar_type() == weight.scalar_type(), "pos_embed must be ", weight.scalar_type());
+  const int64_t K = ids_keep.size(1), tokens = K + cls.has_value();
+  at::Tensor patches = at::empty({B * tokens, C * p * p}, weight.options());
+  at::Tensor out = at::empty({B, tokens, D}, weight.options());
+  const PatchEmbedArgs args{images.data_ptr(), dtype_of(images, "images"), ids_keep.data_ptr<int64_t>(),
+                            bias.has_value() ? bias->data_ptr() : nullptr, pos.data_ptr(),
+                            cls.has_value() ? cls->data_ptr() : nullptr, dtype_of(weight, "weight"),
+                            patches.data_ptr(), out.data_ptr(), B, C, H, W, p, K, D};
+  gather(args);
+  out.view({B * tokens, D}).addmm_(patches, weight.view({D, C * p * p}).t());
+  return out;
 }
 
 }  // namespace fastforget

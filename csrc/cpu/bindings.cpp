@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "../common/bindings.h"
+#include "patch_embed.h"
 #include "teacher_batch.h"
 #include "unlearn_loss.h"
 
@@ -118,6 +119,19 @@ at::Tensor make_teacher_batch(const at::Tensor& images, const at::Tensor& is_for
   return out;
 }
 
+at::Tensor masked_patch_embed(const at::Tensor& images, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                              const at::Tensor& pos, const at::Tensor& ids_keep,
+                              const std::optional<at::Tensor>& cls) {
+  TORCH_CHECK(images.device().is_cpu(), "images must be on the CPU, got ", images.device());
+  const int64_t length = pos.numel() / std::max<int64_t>(weight.size(0), 1) - 1;
+  TORCH_CHECK(ids_keep.numel() == 0 || (ids_keep.min().item<int64_t>() >= 0 && ids_keep.max().item<int64_t>() < length),
+              "ids_keep must lie in [0, ", length, ")");
+  return masked_patch_embed_with(images, weight, bias, pos, ids_keep, cls, [](const PatchEmbedArgs& args) {
+    const int64_t rows = args.batch * patch_tokens(args);
+    at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) { gather_patches(args, begin, end); });
+  });
+}
+
 }  // namespace
 }  // namespace fastforget
 
@@ -125,9 +139,11 @@ TORCH_LIBRARY(fastforget_cpu, m) {
   m.def(fastforget::kUnlearnLossForwardSchema);
   m.def(fastforget::kUnlearnLossScaleGradSchema);
   m.def(fastforget::kTeacherBatchSchema);
+  m.def(fastforget::kMaskedPatchEmbedSchema);
 }
 
 TORCH_LIBRARY_IMPL(fastforget_cpu, CPU, m) {
+  m.impl("masked_patch_embed", &fastforget::masked_patch_embed);
   m.impl("make_teacher_batch", &fastforget::make_teacher_batch);
   m.impl("unlearn_loss_forward", &fastforget::unlearn_loss_forward);
   m.impl("unlearn_loss_scale_grad", &fastforget::unlearn_loss_scale_grad);

@@ -6,6 +6,7 @@
 #include <torch/torch.h>
 
 #include "../common/bindings.h"
+#include "patch_embed.h"
 #include "teacher_batch.h"
 #include "unlearn_loss.h"
 
@@ -64,6 +65,16 @@ at::Tensor make_teacher_batch(const at::Tensor& images, const at::Tensor& is_for
   return out;
 }
 
+at::Tensor masked_patch_embed(const at::Tensor& images, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                              const at::Tensor& pos, const at::Tensor& ids_keep,
+                              const std::optional<at::Tensor>& cls) {
+  TORCH_CHECK(images.is_cuda(), "images must be a CUDA tensor, got ", images.device());
+  const c10::cuda::CUDAGuard guard(images.device());
+  return masked_patch_embed_with(images, weight, bias, pos, ids_keep, cls, [](const PatchEmbedArgs& args) {
+    C10_CUDA_CHECK(launch_gather_patches(args, at::cuda::getCurrentCUDAStream()));
+  });
+}
+
 }  // namespace
 }  // namespace fastforget
 
@@ -71,9 +82,11 @@ TORCH_LIBRARY(fastforget_cuda, m) {
   m.def(fastforget::kUnlearnLossForwardSchema);
   m.def(fastforget::kUnlearnLossScaleGradSchema);
   m.def(fastforget::kTeacherBatchSchema);
+  m.def(fastforget::kMaskedPatchEmbedSchema);
 }
 
 TORCH_LIBRARY_IMPL(fastforget_cuda, CUDA, m) {
+  m.impl("masked_patch_embed", &fastforget::masked_patch_embed);
   m.impl("make_teacher_batch", &fastforget::make_teacher_batch);
   m.impl("unlearn_loss_forward", &fastforget::unlearn_loss_forward);
   m.impl("unlearn_loss_scale_grad", &fastforget::unlearn_loss_scale_grad);

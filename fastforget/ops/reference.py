@@ -136,3 +136,34 @@ def make_teacher_batch(
         values = values.clamp(lo, hi)
     forget = is_forget.bool().view(-1, *([1] * (images.dim() - 1)))
     return torch.where(forget, values.view(images.shape).to(images.dtype), images)
+
+
+# ---------------------------------------------------------------------------------------------
+# MAE's masking and patch embedding (facebookresearch/mae, models_mae.py).
+
+
+def random_masking(noise: Tensor, mask_ratio: float) -> tuple[Tensor, Tensor, Tensor]:
+    """MAE's random_masking given its noise (B, L): keep the int(L (1 - mask_ratio)) patches of
+    smallest noise. Returns ids_keep (B, K), ids_restore (B, L), mask (B, L) with 1 = removed."""
+    batch, length = noise.shape
+    keep = int(length * (1 - mask_ratio))
+    ids_shuffle = torch.argsort(noise, dim=1)
+    ids_restore = torch.argsort(ids_shuffle, dim=1)
+    mask = torch.ones(batch, length, device=noise.device)
+    mask[:, :keep] = 0
+    return ids_shuffle[:, :keep], ids_restore, torch.gather(mask, 1, ids_restore)
+
+
+def masked_patch_embed(
+    images: Tensor, weight: Tensor, bias: Optional[Tensor], pos_embed: Tensor, ids_keep: Tensor,
+    cls_token: Optional[Tensor] = None,
+) -> Tensor:
+    """MAE's path: convolve every patch, add positions, keep ids_keep, prepend cls + its position."""
+    patch = weight.shape[-1]
+    x = torch.nn.functional.conv2d(images.to(weight.dtype), weight, bias, stride=patch).flatten(2).transpose(1, 2)
+    x = x + pos_embed[:, 1:]
+    x = torch.gather(x, 1, ids_keep[..., None].expand(-1, -1, x.shape[-1]))
+    if cls_token is not None:
+        cls = (cls_token + pos_embed[:, :1]).expand(x.shape[0], -1, -1)
+        x = torch.cat([cls, x], dim=1)
+    return x
