@@ -26,12 +26,19 @@ tests_rc=$?
 tail -3 "$OUT/tests.log"
 
 step "benchmarks"
-csv="$OUT/bench_loss.csv"
+csv="$OUT/bench.csv"
 rm -f "$csv"
-for args in "--shape 256 50 1024 --dtype bfloat16" "--shape 256 50 1024 --dtype float32" \
-            "--shape 4096 256 1024 --dtype bfloat16"; do
-  timeout 120 $PY -m fastforget.cli bench loss $args --device cuda --csv "$csv" 2>&1 | tee -a "$OUT/bench.log"
-done
+while read -r op args; do
+  timeout 120 $PY -m fastforget.cli bench $op $args --device cuda --csv "$csv" 2>&1 | tee -a "$OUT/bench.log"
+done <<'LIST'
+loss --shape 256 50 1024 --dtype bfloat16
+loss --shape 256 50 1024 --dtype float32
+loss --shape 4096 256 1024 --dtype bfloat16
+patch --batch-size 256 --dim 1024 --dtype bfloat16
+patch --batch-size 256 --dim 1024 --dtype float32
+teacher --batch-size 256 --dtype float32
+teacher --batch-size 1024 --dtype float32
+LIST
 
 {
   echo "# fastforget GPU suite"

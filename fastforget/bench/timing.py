@@ -46,3 +46,12 @@ def copy_bandwidth_gbs(nbytes: int, device: torch.device) -> float:
     dst = torch.empty_like(src)
     ms = median_ms(lambda: dst.copy_(src), device)
     return 2 * src.numel() * 4 / (ms * 1e-3) / 1e9
+
+
+def matmul_tflops(device: torch.device, dtype: torch.dtype, n: int = 0) -> float:
+    """TFLOP/s of an n x n x n matmul in dtype (n: 8192 on CUDA, 1024 on the CPU)."""
+    n = n or (8192 if device.type == "cuda" else 1024)
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    ms = median_ms(lambda: a @ b, device, reps=5)
+    return 2 * n**3 / (ms * 1e-3) / 1e12

@@ -2,9 +2,9 @@
 
 masked_patch_embed reads and embeds only the kept patches (a quarter of MAE's work at mask ratio
 0.75) and adds bias, position and cls in the GEMM's epilogue. Its gradients (weight, bias,
-pos_embed, cls_token) are computed from the kept patches alone; the position gradient is a
-gather-sum over the batch, deterministic on every device. Images get no gradient from the fast
-backends: when they require one, dispatch falls back to the reference (MAE's convolution).
+pos_embed, cls_token) come from the kept patches alone; the position gradient is a GEMM with the
+one-hot matrix of the kept ids, deterministic on every device. Images get no gradient from the
+fast backends: when they require one, dispatch falls back to the reference (MAE's convolution).
 """
 from __future__ import annotations
 
@@ -168,13 +168,12 @@ def _backward(ctx, grad):
         d_bias = g.float().sum((0, 1)).to(grad.dtype)
     cls_sum = grad[:, 0].float().sum(0) if ctx.has_cls else None
     if needs[3]:
-        # Position l's gradient: the sum over images of the token that kept patch l, if any.
-        # A gather-sum (no scatter-add atomics): deterministic on every device.
-        slot = torch.full((batch, ctx.length), -1, dtype=torch.int64, device=grad.device)
-        slot.scatter_(1, ids_keep, torch.arange(keep, device=grad.device).expand(batch, -1))
-        taken = g.float().gather(1, slot.clamp(min=0)[..., None].expand(-1, -1, dim))
-        d_pos = torch.cat([(cls_sum if ctx.has_cls else torch.zeros(dim, device=grad.device))[None],
-                           torch.where((slot >= 0)[..., None], taken, 0.0).sum(0)])[None].to(grad.dtype)
+        # Position l's gradient: the sum over images of the token that kept patch l, as a GEMM
+        # with the one-hot matrix of ids_keep (no scatter-add atomics): deterministic everywhere.
+        one_hot = torch.nn.functional.one_hot(ids_keep.reshape(-1), ctx.length).to(grad.dtype)
+        d_patches = (one_hot.t() @ g.reshape(-1, dim)).float()
+        d_cls_pos = cls_sum if ctx.has_cls else torch.zeros(dim, device=grad.device)
+        d_pos = torch.cat([d_cls_pos[None], d_patches])[None].to(grad.dtype)
     if needs[5] and ctx.has_cls:
         d_cls = cls_sum.view(1, 1, dim).to(grad.dtype)
     return None, d_weight, d_bias, d_pos, None, d_cls, None

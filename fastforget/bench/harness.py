@@ -1,0 +1,71 @@
+"""What every `fastforget bench` op shares: providers timed side by side in one run, a table
+that puts each against the eager reference and against a ceiling measured in the same run, and
+CSV rows for results/."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Callable, Union
+
+import torch
+
+from ..ops import backends
+from .timing import median_ms
+
+Provider = Union[Callable[[], object], str]  # a step to time, or why it is skipped
+
+
+@dataclass
+class Row:
+    provider: str
+    ms: float = float("nan")
+    rate: float = float("nan")  # GB/s or TFLOP/s of the work the op must do
+    vs_eager: float = float("nan")
+    note: str = ""
+
+
+def backend_providers(device: torch.device, step_for: Callable[[str], Callable[[], object]]) -> dict[str, Provider]:
+    """Each fastforget backend: its step, or the reason it does not run here."""
+    found: dict[str, Provider] = {}
+    for name in backends.BACKENDS:
+        why = backends.unavailable_reason(name) or "; ".join(backends.device_reasons(name, device))
+        if name == "triton" and device.type == "cpu":
+            why = why or "the Triton interpreter is a correctness tool, not timed"
+        found[name] = why or step_for(name)
+    return found
+
+
+def run(providers: dict[str, Provider], device: torch.device, work: float, reps: int = 10) -> list[Row]:
+    """Times each provider; rate = work / time (work in GB or TFLOP); the first timed is eager."""
+    rows, eager_ms = [], None
+    for name, step in providers.items():
+        if isinstance(step, str):
+            rows.append(Row(name, note=f"skipped: {step}"))
+            continue
+        ms = median_ms(step, device, reps=reps)
+        eager_ms = eager_ms or ms
+        rows.append(Row(name, ms, work / (ms * 1e-3), eager_ms / ms))
+    return rows
+
+
+def format_table(title: str, rows: list[Row], unit: str, ceiling: float, ceiling_name: str) -> str:
+    lines = [f"{title}; {ceiling_name} {ceiling:.1f} {unit}, threads {torch.get_num_threads()}",
+             f"{'provider':<10} {'ms':>9} {unit:>8} {'% ceil':>7} {'vs eager':>9}"]
+    for r in rows:
+        if r.note:
+            lines.append(f"{r.provider:<10} {r.note}")
+        else:
+            lines.append(f"{r.provider:<10} {r.ms:9.3f} {r.rate:8.2f} {100 * r.rate / ceiling:6.0f}% {r.vs_eager:8.2f}x")
+    return "\n".join(lines)
+
+
+def append_csv(path: str, op: str, shape: str, dtype: str, device: str, rows: list[Row], unit: str,
+               ceiling: float) -> None:
+    new = not os.path.exists(path)
+    with open(path, "a") as f:
+        if new:
+            f.write("op,provider,shape,dtype,device,ms,rate,unit,ceiling,vs_eager\n")
+        for r in rows:
+            if not r.note:
+                f.write(f"{op},{r.provider},{shape},{dtype},{device},{r.ms:.4f},{r.rate:.3f},{unit},{ceiling:.3f},"
+                        f"{r.vs_eager:.3f}\n")

@@ -1,0 +1,43 @@
+"""`fastforget bench teacher`: the routed teacher batch, per provider.
+
+Providers: `eager` (as the reference code makes it: randn_like * std + mean, where, clamp),
+`compile` (torch.compile of it), and each fastforget backend. GB/s counts the bytes the op must
+move: read the batch for its statistics, read the retain rows again, write the batch; against the
+copy bandwidth measured in the same run.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..ops import make_teacher_batch
+from . import harness
+from .timing import copy_bandwidth_gbs
+
+
+def eager_teacher_batch(images, is_forget):
+    noise = torch.randn_like(images) * images.std() + images.mean()
+    return torch.where(is_forget.view(-1, 1, 1, 1), noise, images).clamp(0.0, 1.0)
+
+
+def main(args) -> int:
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = getattr(torch, args.dtype)
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    images = torch.rand(args.batch_size, 3, args.image_size, args.image_size, generator=gen).to(device, dtype)
+    is_forget = (torch.arange(args.batch_size) % 2 == 0).to(device)
+
+    providers = {"eager": lambda: eager_teacher_batch(images, is_forget),
+                 "compile": (lambda fn: lambda: fn(images, is_forget))(torch.compile(eager_teacher_batch))}
+    providers.update(harness.backend_providers(
+        device, lambda name: lambda: make_teacher_batch(images, is_forget, backend=name)))
+    retain_fraction = 1 - float(is_forget.float().mean())
+    nbytes = images.numel() * images.element_size() * (2 + retain_fraction)
+    copy_gbs = copy_bandwidth_gbs(images.numel() * images.element_size(), device)
+    rows = harness.run(providers, device, nbytes / 1e9, reps=args.reps)
+    shape = f"B={args.batch_size} 3x{args.image_size}x{args.image_size}"
+    print(harness.format_table(f"make_teacher_batch (normal noise, half forget), {shape} {args.dtype} on {device}",
+                               rows, "GB/s", copy_gbs, "copy bandwidth"))
+    if args.csv:
+        harness.append_csv(args.csv, "teacher", shape.replace(" ", ";"), args.dtype, str(device), rows, "GB/s",
+                           copy_gbs)
+    return 0
