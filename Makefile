@@ -22,6 +22,8 @@ test-gpu: $(VENV)/.ready
 
 bench: $(VENV)/.ready
 	$(VENV)/bin/fastforget bench loss
+	$(VENV)/bin/fastforget bench patch
+	$(VENV)/bin/fastforget bench teacher
 
 info: $(VENV)/.ready
 	$(VENV)/bin/fastforget info
