@@ -1,4 +1,4 @@
-"""The `fastforget` command: `info` and `bench`."""
+"""The `fastforget` command: `demo`, `unlearn`, `pretrain`, `info` and `bench`."""
 from __future__ import annotations
 
 import argparse
@@ -33,8 +33,72 @@ def main(argv=None) -> int:
     teacher.add_argument("--batch-size", type=int, default=64)
     teacher.add_argument("--image-size", type=int, default=224)
     _common(teacher)
+
+    def loop_args(p, out_default, epochs, blr):
+        p.add_argument("--out", default=out_default, help="output directory (checkpoint.pt, metrics.jsonl)")
+        p.add_argument("--epochs", type=float, default=epochs)
+        p.add_argument("--batch-size", type=int, default=64, help="per rank and micro-batch")
+        p.add_argument("--accum-steps", type=int, default=1, help="gradient accumulation")
+        p.add_argument("--blr", type=float, default=blr, help="base lr: lr = blr * global batch / 256")
+        p.add_argument("--weight-decay", type=float, default=0.05)
+        p.add_argument("--warmup-fraction", type=float, default=0.05)
+        p.add_argument("--clip-grad", type=float, default=3.0)
+        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--log-every", type=int, default=10)
+        p.add_argument("--save-every", type=int, default=0, help="steps between checkpoints (0: at the end)")
+        p.add_argument("--stop-after", type=int, default=None, help="stop after this many steps (checkpointed)")
+        p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+        p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
+
+    unlearn = sub.add_parser("unlearn", help="make a pretrained MAE forget classes (Li et al., ICLR 2024)")
+    unlearn.add_argument("--checkpoint", required=True, help="the original model (load_mae reads it)")
+    unlearn.add_argument("--model", default=None, help="config name when the checkpoint does not record it")
+    unlearn.add_argument("--data", default="digits", help="'digits' or an ImageFolder directory")
+    unlearn.add_argument("--forget-classes", required=True, help="comma-separated names or indices")
+    unlearn.add_argument("--retain-classes", default="", help="real retain classes (default: all others)")
+    unlearn.add_argument("--proxy-classes", default="", help="proxy retain classes of the same data")
+    unlearn.add_argument("--proxy-data", default=None, help="an ImageFolder directory of proxy retain images")
+    unlearn.add_argument("--retain-ratio", type=float, default=1.0, help="real retain samples per forget sample")
+    unlearn.add_argument("--proxy-ratio", type=float, default=1.0, help="retain samples in all per forget sample")
+    unlearn.add_argument("--forget-weight", type=float, default=0.2, help="alpha, the forget loss's weight")
+    unlearn.add_argument("--normalize", default="reference", choices=["reference", "set"],
+                         help="loss normalisation (reference: the reference code's, exact under DDP)")
+    unlearn.add_argument("--noise", default="normal", choices=["normal", "uniform", "constant"])
+    unlearn.add_argument("--mask-ratio", type=float, default=0.75)
+    loop_args(unlearn, "unlearned", 10, 1e-4)
+    pretrain = sub.add_parser("pretrain", help="train an MAE from scratch (the demo's original model)")
+    pretrain.add_argument("--model", default="mae_vit_tiny")
+    pretrain.add_argument("--data", default="digits")
+    pretrain.add_argument("--mask-ratio", type=float, default=0.75)
+    loop_args(pretrain, "pretrained", 80, 1.5e-4)
+    demo = sub.add_parser("demo", help="pretrain, unlearn digits 0 and 1 two ways, evaluate (make demo)")
+    demo.add_argument("--out", default="demo-out")
     args = parser.parse_args(argv)
 
+    if args.command in ("unlearn", "pretrain"):
+        from .train import LoopConfig, PretrainConfig, UnlearnConfig, pretrain as run_pretrain, unlearn as run_unlearn
+
+        loop = LoopConfig(out=args.out, epochs=args.epochs, batch_size=args.batch_size, accum_steps=args.accum_steps,
+                          blr=args.blr, weight_decay=args.weight_decay, warmup_fraction=args.warmup_fraction,
+                          clip_grad=args.clip_grad or None, seed=args.seed, log_every=args.log_every,
+                          save_every=args.save_every, stop_after=args.stop_after, resume=args.resume)
+        if args.command == "pretrain":
+            print(run_pretrain(PretrainConfig(model=args.model, data=args.data, mask_ratio=args.mask_ratio,
+                                              device=args.device, loop=loop)))
+            return 0
+        split = lambda text: tuple(c for c in text.split(",") if c)  # noqa: E731
+        print(run_unlearn(UnlearnConfig(
+            checkpoint=args.checkpoint, model=args.model, data=args.data, forget_classes=split(args.forget_classes),
+            retain_classes=split(args.retain_classes), proxy_classes=split(args.proxy_classes),
+            proxy_data=args.proxy_data, retain_ratio=args.retain_ratio, proxy_ratio=args.proxy_ratio,
+            forget_weight=args.forget_weight, normalize=args.normalize, noise=args.noise, mask_ratio=args.mask_ratio, device=args.device,
+            loop=loop)))
+        return 0
+    if args.command == "demo":
+        from .train.demo import DemoConfig, run as run_demo
+
+        run_demo(DemoConfig(out=args.out))
+        return 0
     if args.command == "info":
         from .info import report
 

@@ -1,7 +1,7 @@
 """The teacher batch in Triton: retain rows copied, forget rows replaced by noise, then clamped.
 
-Shapes: images and out (rows, row_numel) contiguous; is_forget (rows,) uint8; seed one int64 on
-the device. The noise is fastforget's Philox stream (csrc/common/philox.h), so it equals the
+Shapes: images and out (rows, row_numel) contiguous; is_forget (rows,) uint8; stream two int64 on
+the device: the Philox seed and the flat index of the first element. The noise is fastforget's Philox stream (csrc/common/philox.h), so it equals the
 CPU and CUDA backends' draw for draw.
 """
 import torch
@@ -103,7 +103,7 @@ def merge_kernel(count_ptr, mean_ptr, m2_ptr, parts, mean_std_ptr, BLOCK: tl.con
 
 
 @triton.jit
-def output_kernel(x_ptr, out_ptr, is_forget_ptr, seed_ptr, mean_std_ptr, row_numel, chunks_per_row, lo, hi,
+def output_kernel(x_ptr, out_ptr, is_forget_ptr, stream_ptr, mean_std_ptr, row_numel, chunks_per_row, lo, hi,
                   NOISE: tl.constexpr, CLAMP: tl.constexpr, BLOCK: tl.constexpr, STEPS: tl.constexpr):
     pid = tl.program_id(0)
     row = (pid // chunks_per_row).to(tl.int64)
@@ -111,7 +111,8 @@ def output_kernel(x_ptr, out_ptr, is_forget_ptr, seed_ptr, mean_std_ptr, row_num
     begin = (pid % chunks_per_row).to(tl.int64) * (BLOCK * STEPS)
     forget = tl.load(is_forget_ptr + row) != 0
     if forget:
-        seed = tl.load(seed_ptr).to(tl.uint64)
+        seed = tl.load(stream_ptr).to(tl.uint64)
+        first = tl.load(stream_ptr + 1)
         mean = 0.0
         std = 0.0
         if NOISE != 1:
@@ -120,7 +121,7 @@ def output_kernel(x_ptr, out_ptr, is_forget_ptr, seed_ptr, mean_std_ptr, row_num
         for step in range(STEPS):
             offs = begin + step * BLOCK + tl.arange(0, BLOCK)
             m = offs < row_numel
-            v = _noise(row_begin + offs, seed, mean, std, lo, hi, NOISE)
+            v = _noise(first + row_begin + offs, seed, mean, std, lo, hi, NOISE)
             if CLAMP:
                 v = tl.minimum(tl.maximum(v, lo), hi)
             tl.store(out_ptr + row_begin + offs, v.to(out_ptr.dtype.element_ty), mask=m)
@@ -131,7 +132,7 @@ def output_kernel(x_ptr, out_ptr, is_forget_ptr, seed_ptr, mean_std_ptr, row_num
             tl.store(out_ptr + row_begin + offs, tl.load(x_ptr + row_begin + offs, mask=m), mask=m)
 
 
-def make_teacher_batch(images, is_forget, seed, noise: int, clamp_lo, clamp_hi):
+def make_teacher_batch(images, is_forget, stream, noise: int, clamp_lo, clamp_hi):
     """(rows, ...) contiguous images -> the teacher batch; noise 0 normal, 1 uniform, 2 constant."""
     rows = images.shape[0]
     numel = images.numel()
@@ -147,7 +148,7 @@ def make_teacher_batch(images, is_forget, seed, noise: int, clamp_lo, clamp_hi):
     lo, hi = (clamp_lo, clamp_hi) if clamp else (0.0, 1.0)
     chunks_per_row = triton.cdiv(row_numel, OUT_BLOCK * OUT_STEPS)
     output_kernel[(rows * chunks_per_row,)](
-        images, out, is_forget, seed, mean_std, row_numel, chunks_per_row, lo, hi,
+        images, out, is_forget, stream, mean_std, row_numel, chunks_per_row, lo, hi,
         NOISE=noise, CLAMP=clamp, BLOCK=OUT_BLOCK, STEPS=OUT_STEPS, num_warps=NUM_WARPS,
     )
     return out
@@ -160,7 +161,7 @@ def aot_variants():
                                    numel="i32"), dict(BLOCK=STATS_BLOCK), ("numel",), 8
         for noise in (NORMAL, UNIFORM, CONSTANT):
             for clamp in (True, False):
-                yield output_kernel, dict(x_ptr=f"*{ty}", out_ptr=f"*{ty}", is_forget_ptr="*u8", seed_ptr="*i64",
+                yield output_kernel, dict(x_ptr=f"*{ty}", out_ptr=f"*{ty}", is_forget_ptr="*u8", stream_ptr="*i64",
                                           mean_std_ptr="*fp32", row_numel="i32", chunks_per_row="i32",
                                           lo="fp32", hi="fp32"), dict(
                     NOISE=noise, CLAMP=clamp, BLOCK=OUT_BLOCK, STEPS=OUT_STEPS), ("row_numel",), NUM_WARPS

@@ -4,6 +4,7 @@ import torch
 
 import fastforget
 from fastforget.ops import reference
+from fastforget.ops.teacher_batch import noise_stream
 
 from conftest import backend_params
 
@@ -26,10 +27,10 @@ def seeded(device, seed=1234):
     return torch.Generator(device=device).manual_seed(seed)
 
 
-def expected(images, is_forget, noise, clamp, device, seed=1234):
-    """The reference with the seed the op draws from the same generator state."""
-    drawn = torch.randint(0, 2**62, (1,), device=device, dtype=torch.int64, generator=seeded(device, seed))
-    return reference.make_teacher_batch(images, is_forget, noise, clamp, drawn)
+def expected(images, is_forget, noise, clamp, device, seed=1234, first_element=0):
+    """The reference with the stream the op draws from the same generator state."""
+    stream = noise_stream(torch.device(device), seeded(device, seed), first_element)
+    return reference.make_teacher_batch(images, is_forget, noise, clamp, stream)
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS)
@@ -77,6 +78,19 @@ def test_generator_state_decides_the_noise(backend, device):
     assert not torch.equal(a[is_forget], c[is_forget])
 
 
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_shards_draw_the_whole_batch_stream(backend, device):
+    """Rows 3.. of a batch, made alone with first_row=3, get the noise the whole batch gives them."""
+    images, _ = make((5, 2, 6, 6), device)
+    is_forget = torch.ones(5, dtype=torch.bool, device=device)
+    whole = fastforget.make_teacher_batch(images, is_forget, noise="uniform", generator=seeded(device), backend=backend)
+    shard = fastforget.make_teacher_batch(images[3:], is_forget[3:], noise="uniform", generator=seeded(device),
+                                          first_row=3, backend=backend)
+    torch.testing.assert_close(shard, whole[3:], rtol=0, atol=1e-7)
+    want = expected(images[3:], is_forget[3:], "uniform", (0.0, 1.0), device, first_element=3 * 72)
+    torch.testing.assert_close(shard, want, rtol=1e-6, atol=1e-7)
+
+
 def test_backends_draw_the_same_noise():
     images, is_forget = make((6, 3, 10, 10), "cpu")
     outs = [fastforget.make_teacher_batch(images, is_forget, generator=seeded("cpu"), backend=b)
@@ -113,10 +127,10 @@ def test_cpu_backend_is_bitwise_deterministic_across_threads():
 @pytest.mark.parametrize("backend,device", BACKENDS)
 def test_opcheck(backend, device):
     images, is_forget = make((3, 2, 5, 5), device)
-    seed = torch.tensor([99], device=device)
+    stream = torch.tensor([99, 7], device=device)
     for noise, lo, hi in ((0, 0.0, 1.0), (1, None, None), (2, 0.1, 0.9)):
         torch.library.opcheck(torch.ops.fastforget.make_teacher_batch.default,
-                              (images, is_forget.to(torch.uint8), seed, noise, lo, hi, backend))
+                              (images, is_forget.to(torch.uint8), stream, noise, lo, hi, backend))
 
 
 @pytest.mark.parametrize("backend,device", [p for p in BACKENDS if p.values[0] != "triton"])
@@ -140,6 +154,7 @@ BAD = [
     (dict(clamp=(1.0, 0.0)), ValueError, "clamp must be None or"),
     (dict(clamp=(0.0,)), ValueError, "clamp must be None or"),
     (dict(generator=42), TypeError, "generator must be a torch.Generator"),
+    (dict(first_row=-1), ValueError, "first_row must be a non-negative int"),
     (dict(images=torch.ones(2, 3, device="meta"), is_forget=torch.ones(2, device="meta", dtype=torch.bool),
           generator=torch.Generator()), ValueError, "generator must be on images' device type meta, got cpu"),
 ]

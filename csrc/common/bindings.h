@@ -17,7 +17,7 @@ constexpr const char* kUnlearnLossScaleGradSchema =
     "unlearn_loss_scale_grad(Tensor(a!) grad, Tensor is_forget, Tensor? grad_loss, Tensor? grad_retain, "
     "Tensor? grad_forget, float retain_weight, float forget_weight) -> ()";
 constexpr const char* kTeacherBatchSchema =
-    "make_teacher_batch(Tensor images, Tensor is_forget, Tensor seed, int noise, float? clamp_lo, "
+    "make_teacher_batch(Tensor images, Tensor is_forget, Tensor stream, int noise, float? clamp_lo, "
     "float? clamp_hi) -> Tensor";
 
 constexpr const char* kMaskedPatchEmbedSchema =
@@ -64,21 +64,22 @@ inline UnlearnLossArgs unlearn_loss_args(const at::Tensor& student, const at::Te
                          float(retain_weight), float(forget_weight), normalize_set};
 }
 
-// Checks the teacher batch's inputs ((rows, ...) contiguous images, a one-element int64 seed on
-// the same device) and allocates its output.
+// Checks the teacher batch's inputs ((rows, ...) contiguous images, the noise stream (seed, first
+// element) as two int64 on the same device) and allocates its output.
 inline TeacherBatchArgs teacher_batch_args(const at::Tensor& images, const at::Tensor& is_forget,
-                                           const at::Tensor& seed, int64_t noise, std::optional<double> clamp_lo,
+                                           const at::Tensor& stream, int64_t noise, std::optional<double> clamp_lo,
                                            std::optional<double> clamp_hi, at::Tensor& out) {
   TORCH_CHECK(images.dim() >= 1 && images.numel() > 0 && images.is_contiguous(),
               "images must be a non-empty contiguous tensor, got ", images.sizes());
-  TORCH_CHECK(seed.numel() == 1 && seed.scalar_type() == at::kLong && seed.device() == images.device(),
-              "seed must be one int64 on ", images.device());
+  TORCH_CHECK(stream.numel() == 2 && stream.is_contiguous() && stream.scalar_type() == at::kLong &&
+                  stream.device() == images.device(),
+              "stream must be two int64 (seed, first element) on ", images.device());
   TORCH_CHECK(noise >= 0 && noise <= 2, "noise must be 0 (normal), 1 (uniform) or 2 (constant), got ", noise);
   TORCH_CHECK(clamp_lo.has_value() == clamp_hi.has_value(), "clamp_lo and clamp_hi must be given together");
   out = at::empty_like(images);
   return TeacherBatchArgs{images.data_ptr(), out.data_ptr(), dtype_of(images, "images"),
                           forget_flags(is_forget, images), images.size(0), images.numel() / images.size(0),
-                          seed.data_ptr<int64_t>(), Noise(noise), clamp_lo.has_value(),
+                          stream.data_ptr<int64_t>(), Noise(noise), clamp_lo.has_value(),
                           float(clamp_lo.value_or(0.0)), float(clamp_hi.value_or(1.0))};
 }
 

@@ -14,7 +14,7 @@ struct TeacherBatchArgs {
   const void* images; void* out; DType dtype;  // (rows, row_numel) contiguous, one dtype
   const uint8_t* is_forget;                    // (rows,), nonzero = forget row
   int64_t rows, row_numel;
-  const int64_t* seed;                         // one int64, where the generator lives
+  const int64_t* stream;                       // (Philox seed, flat index of the first element), on the device
   Noise noise;
   bool clamp; float clamp_lo, clamp_hi;        // uniform noise spans [lo, hi) (or [0, 1) unclamped)
 };

@@ -96,11 +96,11 @@ void unlearn_loss_scale_grad(at::Tensor& grad, const at::Tensor& is_forget, cons
   });
 }
 
-at::Tensor make_teacher_batch(const at::Tensor& images, const at::Tensor& is_forget, const at::Tensor& seed,
+at::Tensor make_teacher_batch(const at::Tensor& images, const at::Tensor& is_forget, const at::Tensor& stream,
                               int64_t noise, std::optional<double> clamp_lo, std::optional<double> clamp_hi) {
   TORCH_CHECK(images.device().is_cpu(), "images must be on the CPU, got ", images.device());
   at::Tensor out;
-  const TeacherBatchArgs args = teacher_batch_args(images, is_forget, seed, noise, clamp_lo, clamp_hi, out);
+  const TeacherBatchArgs args = teacher_batch_args(images, is_forget, stream, noise, clamp_lo, clamp_hi, out);
   float mean = 0.0f, std = 0.0f;
   if (args.noise != Noise::kUniform) {  // statistics of the whole batch, merged in a fixed order
     const int64_t numel = images.numel(), chunks = stats_chunks(numel);

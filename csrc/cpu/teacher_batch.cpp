@@ -28,7 +28,7 @@ void rows_impl(const TeacherBatchArgs& a, float mean, float std, int64_t row_beg
   const T* in = static_cast<const T*>(a.images);
   T* out = static_cast<T*>(a.out);
   const float lo = a.clamp ? a.clamp_lo : 0.0f, hi = a.clamp ? a.clamp_hi : 1.0f;
-  const uint64_t seed = uint64_t(*a.seed);
+  const uint64_t seed = uint64_t(a.stream[0]), first = uint64_t(a.stream[1]);
   for (int64_t row = row_begin; row < row_end; ++row) {
     const int64_t base = row * a.row_numel;
     if (!a.is_forget[row]) {  // retain rows: bit for bit
@@ -36,7 +36,7 @@ void rows_impl(const TeacherBatchArgs& a, float mean, float std, int64_t row_beg
       continue;
     }
     for (int64_t j = 0; j < a.row_numel; ++j) {
-      float v = noise_value(a.noise, uint64_t(base + j), seed, mean, std, lo, hi);
+      float v = noise_value(a.noise, first + uint64_t(base + j), seed, mean, std, lo, hi);
       if (a.clamp) v = std::min(std::max(v, a.clamp_lo), a.clamp_hi);
       out[base + j] = from_float<T>(v);
     }

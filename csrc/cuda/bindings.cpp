@@ -54,12 +54,12 @@ void unlearn_loss_scale_grad(at::Tensor& grad, const at::Tensor& is_forget, cons
       at::cuda::getCurrentCUDAStream()));
 }
 
-at::Tensor make_teacher_batch(const at::Tensor& images, const at::Tensor& is_forget, const at::Tensor& seed,
+at::Tensor make_teacher_batch(const at::Tensor& images, const at::Tensor& is_forget, const at::Tensor& stream,
                               int64_t noise, std::optional<double> clamp_lo, std::optional<double> clamp_hi) {
   TORCH_CHECK(images.is_cuda(), "images must be a CUDA tensor, got ", images.device());
   const c10::cuda::CUDAGuard guard(images.device());
   at::Tensor out;
-  const TeacherBatchArgs args = teacher_batch_args(images, is_forget, seed, noise, clamp_lo, clamp_hi, out);
+  const TeacherBatchArgs args = teacher_batch_args(images, is_forget, stream, noise, clamp_lo, clamp_hi, out);
   at::Tensor scratch = at::empty({teacher_batch_scratch_bytes(images.numel())}, images.options().dtype(at::kByte));
   C10_CUDA_CHECK(launch_teacher_batch(args, scratch.data_ptr(), at::cuda::getCurrentCUDAStream()));
   return out;

@@ -84,11 +84,11 @@ __global__ void __launch_bounds__(kThreads) output_kernel(TeacherBatchArgs a, co
     for (int64_t i = begin + threadIdx.x; i < end; i += kThreads) out[i] = in[i];
     return;
   }
-  const uint64_t seed = uint64_t(*a.seed);
+  const uint64_t seed = uint64_t(a.stream[0]), first = uint64_t(a.stream[1]);
   const float mean = mean_std ? mean_std[0] : 0.0f, std = mean_std ? mean_std[1] : 0.0f;
   const float lo = a.clamp ? a.clamp_lo : 0.0f, hi = a.clamp ? a.clamp_hi : 1.0f;
   for (int64_t i = begin + threadIdx.x; i < end; i += kThreads) {
-    float v = noise_value(a.noise, uint64_t(i), seed, mean, std, lo, hi);
+    float v = noise_value(a.noise, first + uint64_t(i), seed, mean, std, lo, hi);
     if (a.clamp) v = fminf(fmaxf(v, a.clamp_lo), a.clamp_hi);
     out[i] = from_f<T>(v);
   }

@@ -96,9 +96,9 @@ def philox4x32_10(counter: Tensor, seed: Tensor) -> tuple[Tensor, Tensor, Tensor
     return c0, c1, c2, c3
 
 
-def teacher_noise(numel: int, noise: str, seed: Tensor, device) -> Tensor:
-    """float32 noise for flat indices 0 .. numel-1: standard normal, or uniform in [0, 1)."""
-    i = torch.arange(numel, device=device, dtype=torch.int64)
+def teacher_noise(numel: int, noise: str, seed: Tensor, device, first: Tensor | int = 0) -> Tensor:
+    """float32 noise for flat indices first .. first+numel-1: standard normal, or uniform in [0, 1)."""
+    i = torch.arange(numel, device=device, dtype=torch.int64) + first
     if noise == "normal":
         r0, r1, r2, r3 = philox4x32_10(i >> 1, seed)
         odd = (i & 1) == 1
@@ -112,22 +112,23 @@ def teacher_noise(numel: int, noise: str, seed: Tensor, device) -> Tensor:
 
 def make_teacher_batch(
     images: Tensor, is_forget: Tensor, noise: str = "normal", clamp: Optional[tuple[float, float]] = (0.0, 1.0),
-    seed: Tensor | int = 0,
+    stream: Tensor | tuple[int, int] = (0, 0),
 ) -> Tensor:
     """Retain rows as they are; forget rows replaced by noise as the reference code makes it, from
-    fastforget's Philox stream under `seed`, then everything clamped to `clamp` (None: no clamp).
+    fastforget's Philox stream (seed, flat index of the first element), then everything clamped to
+    `clamp` (None: no clamp).
 
     normal: randn * std(images) + mean(images), over the whole batch (std unbiased, as torch.std);
     uniform: uniform over the clamp range ([0, 1) without one); constant: mean(images) everywhere.
     """
-    seed = torch.as_tensor(seed, dtype=torch.int64, device=images.device).reshape(())
+    seed, first = torch.as_tensor(stream, dtype=torch.int64, device=images.device).reshape(2)
     x = images.double()
     mean, std = x.mean().float(), x.std().float()
     lo, hi = clamp if clamp is not None else (0.0, 1.0)
     if noise == "normal":
-        values = teacher_noise(images.numel(), "normal", seed, images.device) * std + mean
+        values = teacher_noise(images.numel(), "normal", seed, images.device, first) * std + mean
     elif noise == "uniform":
-        values = lo + teacher_noise(images.numel(), "uniform", seed, images.device) * (hi - lo)
+        values = lo + teacher_noise(images.numel(), "uniform", seed, images.device, first) * (hi - lo)
     elif noise == "constant":
         values = mean.expand(images.numel())
     else:

@@ -27,6 +27,7 @@ def make_teacher_batch(
     noise: str = "normal",
     clamp: Optional[tuple[float, float]] = (0.0, 1.0),
     generator: Optional[torch.Generator] = None,
+    first_row: int = 0,
     backend: Optional[str] = None,
 ) -> Tensor:
     """A new batch: images' retain rows copied, forget rows replaced by clamped noise.
@@ -35,16 +36,28 @@ def make_teacher_batch(
     noise: "normal" (randn * std + mean, over the whole batch), "uniform" (over the clamp range,
     [0, 1) without one) or "constant" (the batch's mean). clamp: (low, high) or None. generator:
     a torch.Generator on images' device (default: the device's default generator); one int64 seed
-    is drawn from it on the device. No gradient flows through (the teacher is frozen).
+    is drawn from it on the device. first_row: where these rows start in a larger batch whose shards
+    draw one stream (data parallelism: each rank passes rank * its batch size); the statistics
+    stay this shard's, as the reference code's are per process. No gradient flows through (the
+    teacher is frozen).
     """
     _check(images, is_forget, noise, clamp, generator)
-    seed = torch.randint(0, 2**62, (1,), device=images.device, dtype=torch.int64, generator=generator)
+    if isinstance(first_row, bool) or not isinstance(first_row, int) or first_row < 0:
+        raise ValueError(f"first_row must be a non-negative int, got {first_row!r}")
+    stream = noise_stream(images.device, generator, first_row * (images.numel() // images.shape[0]))
     flags = is_forget if is_forget.dtype == torch.bool else is_forget != 0
     lo, hi = (float(clamp[0]), float(clamp[1])) if clamp is not None else (None, None)
     return torch.ops.fastforget.make_teacher_batch(
-        images.detach().contiguous(), flags.contiguous().view(torch.uint8), seed, NOISES.index(noise), lo, hi,
+        images.detach().contiguous(), flags.contiguous().view(torch.uint8), stream, NOISES.index(noise), lo, hi,
         backends.requested_backend(backend),
     )
+
+
+def noise_stream(device, generator: Optional[torch.Generator], first_element: int) -> Tensor:
+    """(seed, first element) as two int64 on the device: the seed drawn there from generator, the
+    index filled in by a kernel, so nothing crosses to or from the host."""
+    stream = torch.randint(0, 2**62, (2,), device=device, dtype=torch.int64, generator=generator)
+    return stream.index_fill_(0, torch.ones(1, dtype=torch.int64, device=device), first_element)
 
 
 def _check(images, is_forget, noise, clamp, generator) -> None:
@@ -74,25 +87,25 @@ def _check(images, is_forget, noise, clamp, generator) -> None:
             raise ValueError(f"generator must be on images' device type {images.device.type}, got {generator.device}")
 
 
-def _torch_impl(images, is_forget, seed, noise, clamp_lo, clamp_hi):
+def _torch_impl(images, is_forget, stream, noise, clamp_lo, clamp_hi):
     clamp = (clamp_lo, clamp_hi) if clamp_lo is not None else None
-    return reference.make_teacher_batch(images, is_forget, NOISES[noise], clamp, seed)
+    return reference.make_teacher_batch(images, is_forget, NOISES[noise], clamp, stream)
 
 
 @torch.library.custom_op("fastforget::make_teacher_batch", mutates_args=())
-def _teacher_batch_op(images: Tensor, is_forget: Tensor, seed: Tensor, noise: int, clamp_lo: Optional[float],
+def _teacher_batch_op(images: Tensor, is_forget: Tensor, stream: Tensor, noise: int, clamp_lo: Optional[float],
                       clamp_hi: Optional[float], backend: str) -> Tensor:
-    """images (rows, ...) contiguous, is_forget (rows,) uint8, seed (1,) int64 on images' device."""
+    """images (rows, ...) contiguous, is_forget (rows,) uint8, stream (2,) int64 on images' device."""
     name = backends.select("make_teacher_batch", backend, images.device, lambda n: [])
     if name == "torch":
-        return _torch_impl(images, is_forget, seed, noise, clamp_lo, clamp_hi)
+        return _torch_impl(images, is_forget, stream, noise, clamp_lo, clamp_hi)
     if name == "triton":
         from ..kernels import teacher_batch as kernel
 
-        return kernel.make_teacher_batch(images, is_forget, seed, noise, clamp_lo, clamp_hi)
-    return backends.native.ops(name).make_teacher_batch(images, is_forget, seed, noise, clamp_lo, clamp_hi)
+        return kernel.make_teacher_batch(images, is_forget, stream, noise, clamp_lo, clamp_hi)
+    return backends.native.ops(name).make_teacher_batch(images, is_forget, stream, noise, clamp_lo, clamp_hi)
 
 
 @_teacher_batch_op.register_fake
-def _(images, is_forget, seed, noise, clamp_lo, clamp_hi, backend):
+def _(images, is_forget, stream, noise, clamp_lo, clamp_hi, backend):
     return torch.empty_like(images)

@@ -1,0 +1,140 @@
+"""Data for unlearning: labelled image sets, class selection, and the reference's 1:1 stream.
+
+A data set here is (images, labels, classes): images float32 in [0, 1], (N, C, H, W); labels
+int64 (N,); classes the names. `digits` ships with scikit-learn (1,797 8x8 handwritten digits),
+so nothing is downloaded; any other spec is an ImageFolder directory (torchvision).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class ImageSet:
+    images: Tensor  # (N, C, H, W) float32 in [0, 1]
+    labels: Tensor  # (N,) int64
+    classes: list[str]
+
+    def __len__(self) -> int:
+        return self.labels.shape[0]
+
+    def subset(self, index: Tensor) -> "ImageSet":
+        return ImageSet(self.images[index], self.labels[index], self.classes)
+
+
+def load_digits(split: str = "train", size: int = 16, test_fraction: float = 0.2, seed: int = 0) -> ImageSet:
+    """scikit-learn's handwritten digits, upsampled to size x size, split with a fixed seed."""
+    try:
+        from sklearn.datasets import load_digits as sklearn_digits
+    except ImportError as err:
+        raise ImportError("the digits data ship with scikit-learn: pip install 'fastforget[demo]'") from err
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    data = sklearn_digits()
+    images = torch.tensor(data.images, dtype=torch.float32)[:, None] / 16.0
+    images = torch.nn.functional.interpolate(images, size=(size, size), mode="bilinear", align_corners=False)
+    labels = torch.tensor(data.target, dtype=torch.int64)
+    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))
+    n_test = int(len(labels) * test_fraction)
+    index = order[n_test:] if split == "train" else order[:n_test]
+    return ImageSet(images[index].clamp(0, 1), labels[index], [str(i) for i in range(10)])
+
+
+def load_image_folder(path: str, size: int) -> ImageSet:
+    """An ImageFolder directory (one sub-directory per class), resized to size x size RGB."""
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"data directory {path!r} does not exist")
+    from torchvision import datasets, transforms
+
+    folder = datasets.ImageFolder(path, transform=transforms.Compose(
+        [transforms.Resize((size, size)), transforms.ToTensor()]))
+    if len(folder) == 0:
+        raise ValueError(f"data directory {path!r} holds no images")
+    images = torch.stack([folder[i][0] for i in range(len(folder))])
+    return ImageSet(images, torch.tensor(folder.targets, dtype=torch.int64), list(folder.classes))
+
+
+def load(spec: str, size: int, split: str = "train") -> ImageSet:
+    """`digits` or an ImageFolder directory."""
+    return load_digits(split, size) if spec == "digits" else load_image_folder(spec, size)
+
+
+def class_indices(data: ImageSet, names: Optional[Sequence[str]], what: str) -> list[int]:
+    """Class names or indices -> indices; an unknown class is an error listing the known ones."""
+    if not names:
+        return []
+    out = []
+    for name in names:
+        name = str(name)
+        if name in data.classes:
+            out.append(data.classes.index(name))
+        elif name.isdigit() and int(name) < len(data.classes):
+            out.append(int(name))
+        else:
+            raise ValueError(f"unknown {what} class {name!r}; known classes: {', '.join(data.classes)}")
+    return out
+
+
+@dataclass
+class UnlearnSets:
+    forget: ImageSet
+    retain: ImageSet  # real retain samples, then proxy ones
+
+
+def select(data: ImageSet, forget: Sequence[str], retain: Sequence[str] = (), proxy: Sequence[str] = (),
+           proxy_data: Optional[ImageSet] = None, retain_ratio: float = 1.0, proxy_ratio: float = 1.0,
+           seed: int = 0) -> UnlearnSets:
+    """The reference's sets: every forget sample; retain_ratio * |forget| real retain samples (from
+    the retain classes, default: every class not forgotten and not proxy); then proxy samples (from
+    the proxy classes or proxy_data) up to proxy_ratio * |forget| retain samples in all."""
+    gen = torch.Generator().manual_seed(seed)
+    forget_ids = class_indices(data, forget, "forget")
+    if not forget_ids:
+        raise ValueError("forget classes must name at least one class")
+    proxy_ids = class_indices(data, proxy, "proxy")
+    retain_ids = class_indices(data, retain, "retain") or (
+        [] if proxy_ids or proxy_data is not None else
+        [c for c in range(len(data.classes)) if c not in forget_ids])
+    overlap = set(forget_ids) & (set(retain_ids) | set(proxy_ids))
+    if overlap:
+        raise ValueError(f"classes {[data.classes[c] for c in sorted(overlap)]} are both forgotten and kept")
+    forget_set = data.subset(torch.isin(data.labels, torch.tensor(forget_ids)).nonzero()[:, 0])
+    if len(forget_set) == 0:
+        raise ValueError(f"the forget classes {list(forget)} have no samples")
+
+    def sample(pool: ImageSet, count: int) -> ImageSet:
+        count = min(count, len(pool))
+        return pool.subset(torch.randperm(len(pool), generator=gen)[:count])
+
+    parts = []
+    if retain_ids:
+        real = data.subset(torch.isin(data.labels, torch.tensor(retain_ids)).nonzero()[:, 0])
+        parts.append(sample(real, round(retain_ratio * len(forget_set))))
+    if proxy_ids or proxy_data is not None:
+        pool = proxy_data if proxy_data is not None else data.subset(
+            torch.isin(data.labels, torch.tensor(proxy_ids)).nonzero()[:, 0])
+        have = sum(len(p) for p in parts)
+        parts.append(sample(pool, max(round(proxy_ratio * len(forget_set)) - have, 0)))
+    if not parts or sum(len(p) for p in parts) == 0:
+        raise ValueError("no retain samples: name retain classes, proxy classes or proxy data")
+    retain_set = ImageSet(torch.cat([p.images for p in parts]), torch.cat([p.labels for p in parts]), data.classes)
+    return UnlearnSets(forget_set, retain_set)
+
+
+def stream(sets: UnlearnSets, epoch: int, seed: int) -> tuple[Tensor, Tensor]:
+    """One epoch's order: forget and retain samples 1:1 (the smaller set oversampled), shuffled.
+    Returns (index into cat(forget, retain), is_forget), a pure function of (seed, epoch)."""
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    n_f, n_r = len(sets.forget), len(sets.retain)
+    n = max(n_f, n_r)
+    forget_idx = torch.randperm(n_f, generator=gen).repeat(n // n_f + 1)[:n]
+    retain_idx = n_f + torch.randperm(n_r, generator=gen).repeat(n // n_r + 1)[:n]
+    index = torch.cat([forget_idx, retain_idx])
+    is_forget = torch.cat([torch.ones(n, dtype=torch.bool), torch.zeros(n, dtype=torch.bool)])
+    order = torch.randperm(2 * n, generator=gen)
+    return index[order], is_forget[order]

@@ -1,0 +1,205 @@
+"""The training loop both commands share: schedule, accumulation, clipping, DDP, logging,
+atomic checkpoints and exact resumption.
+
+Everything random in a step (masks, teacher noise) comes from a generator seeded by (seed, step,
+micro-batch) and is drawn for the whole global batch, each rank using its rows; the data order is
+a function of (seed, epoch). So a resumed run repeats the uninterrupted one exactly (bitwise on the
+CPU), and N ranks compute what one process does with the same global batch. Numbers are read back
+from the device only every log_every steps.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Optional
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+
+@dataclass
+class LoopConfig:
+    out: str
+    epochs: float = 1.0
+    batch_size: int = 64  # per rank and micro-batch
+    accum_steps: int = 1
+    blr: float = 1e-4  # lr = blr * global batch / 256
+    min_lr: float = 0.0
+    weight_decay: float = 0.05
+    warmup_fraction: float = 0.05
+    clip_grad: Optional[float] = 3.0
+    seed: int = 0
+    log_every: int = 10
+    save_every: int = 0  # steps; 0: at the end only
+    stop_after: Optional[int] = None  # stop (with a checkpoint) after this many steps: a time-boxed part
+    resume: bool = False
+    progress: bool = True
+    extra: dict = field(default_factory=dict)  # recorded in checkpoints and metrics
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_distributed(device: Optional[str] = None) -> Dist:
+    """torchrun's environment -> process group (nccl on GPUs, gloo on the CPU); else one process."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    cuda = torch.cuda.is_available() if device is None else device.startswith("cuda")
+    dev = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}" if cuda else "cpu")
+    if cuda:
+        torch.cuda.set_device(dev)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo")
+    return Dist(rank, world, dev)
+
+
+def param_groups(named_params, weight_decay: float):
+    """MAE's grouping: no weight decay on biases, norms (1-D) and the token/position embeddings."""
+    decay, no_decay = [], []
+    for name, p in named_params:
+        if not p.requires_grad:
+            continue
+        skip = p.ndim <= 1 or name.endswith((".bias", "cls_token", "mask_token", "pos_embed"))
+        (no_decay if skip else decay).append(p)
+    return [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": weight_decay}]
+
+
+def learning_rate(step: int, total: int, base: float, min_lr: float, warmup: int) -> float:
+    """Linear warmup, then a half-cycle cosine down to min_lr (MAE's schedule, per step)."""
+    if step < warmup:
+        return base * (step + 1) / warmup
+    progress = (step - warmup) / max(total - warmup, 1)
+    return min_lr + (base - min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def save_atomic(obj: dict, path: str) -> None:
+    """torch.save to a temporary file, fsync, then rename: a kill leaves the old file whole."""
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    dir_fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def step_generator(device: torch.device, seed: int, step: int, micro: int) -> torch.Generator:
+    """The same on every rank: draws are made for the global batch and sliced per rank."""
+    return torch.Generator(device=device).manual_seed((seed * 1_000_003 + step) * 1_009 + micro)
+
+
+def run(cfg: LoopConfig, d: Dist, model: nn.Module, trainable: nn.Module, steps_per_epoch: int,
+        batches: Callable[[int, int], tuple[Tensor, ...]],
+        loss_fn: Callable[[tuple[Tensor, ...], torch.Generator, nn.Module], dict[str, Tensor]],
+        checkpoint_extra: Callable[[], dict]) -> dict:
+    """Trains `trainable`'s parameters that require grad.
+
+    batches(step, micro) -> this rank's micro-batch tensors; loss_fn(batch, generator, trainable as
+    wrapped for DDP) -> dict with "loss" (to minimise) and other scalars to log. model's state dict
+    is what checkpoints keep.
+    Returns the last logged metrics.
+    """
+    os.makedirs(cfg.out, exist_ok=True)
+    ckpt_path = os.path.join(cfg.out, "checkpoint.pt")
+    metrics_path = os.path.join(cfg.out, "metrics.jsonl")
+    total = max(int(cfg.epochs * steps_per_epoch), 1)
+    global_batch = cfg.batch_size * cfg.accum_steps * d.world
+    base_lr = cfg.blr * global_batch / 256
+    warmup = int(cfg.warmup_fraction * total)
+    optimizer = torch.optim.AdamW(param_groups(trainable.named_parameters(), cfg.weight_decay), lr=base_lr,
+                                  betas=(0.9, 0.95))
+    start = 0
+    if cfg.resume and os.path.exists(ckpt_path):
+        state = load_checkpoint(ckpt_path)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        start = int(state["step"])
+    wrapped = trainable
+    if d.world > 1:
+        wrapped = nn.parallel.DistributedDataParallel(trainable, device_ids=[d.device.index] if d.device.type == "cuda" else None)
+    params = [p for p in trainable.parameters() if p.requires_grad]
+
+    bar = _progress(total, start) if (d.main and cfg.progress) else None
+    last: dict = {}
+    sums: dict[str, Tensor] = {}
+    counted = 0
+    t0 = time.perf_counter()
+    end = total if cfg.stop_after is None else min(total, cfg.stop_after)
+    for step in range(start, end):
+        lr = learning_rate(step, total, base_lr, cfg.min_lr, warmup)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        for micro in range(cfg.accum_steps):
+            batch = batches(step, micro)
+            gen = step_generator(d.device, cfg.seed, step, micro)
+            sync = micro == cfg.accum_steps - 1 or d.world == 1
+            with wrapped.no_sync() if not sync else contextlib.nullcontext():
+                out = loss_fn(batch, gen, wrapped)
+                (out["loss"] / cfg.accum_steps).backward()
+            for k, v in out.items():  # accumulate on the device: no host sync per step
+                sums[k] = sums.get(k, 0) + v.detach().float()
+            counted += 1
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad if cfg.clip_grad else float("inf"))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        done = step + 1
+        if done % cfg.log_every == 0 or done == total:
+            values = {k: float(v) / counted for k, v in sums.items()}
+            if not all(math.isfinite(v) for v in values.values()):
+                raise FloatingPointError(f"step {done}: non-finite loss {values}; the last checkpoint is kept as it was")
+            last = {"step": done, "epoch": done / steps_per_epoch, "lr": lr, "grad_norm": float(grad_norm),
+                    **values, "seconds": time.perf_counter() - t0}
+            sums, counted = {}, 0
+            if d.main:
+                with open(metrics_path, "a") as f:
+                    f.write(json.dumps(last) + "\n")
+                if bar is not None:
+                    bar.set_postfix({k: f"{v:.4g}" for k, v in values.items()})
+        if bar is not None:
+            bar.update(1)
+        if d.main and ((cfg.save_every and done % cfg.save_every == 0) or done == end):
+            save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": done,
+                         "loop": asdict(cfg), **checkpoint_extra()}, ckpt_path)
+    if bar is not None:
+        bar.close()
+    if d.world > 1:
+        dist.barrier()
+    return last
+
+
+def load_checkpoint(path: str) -> dict:
+    """A fastforget checkpoint, read with weights_only=True; a damaged file is a clear error."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise ValueError(f"checkpoint {path} cannot be read (truncated, corrupted or not a weights file): {err}") from err
+    for key in ("model", "optimizer", "step"):
+        if key not in state:
+            raise ValueError(f"checkpoint {path} lacks its {key!r} entry")
+    return state
+
+
+def _progress(total: int, start: int):
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, initial=start, unit="step", dynamic_ncols=True)
+

@@ -1,0 +1,104 @@
+"""The trainer: data selection, the 1:1 stream, what trains, exact resumption, DDP, checkpoints."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from fastforget.models import load_mae
+from fastforget.train import LoopConfig, PretrainConfig, UnlearnConfig, pretrain, unlearn
+from fastforget.train import data as data_lib
+from fastforget.train.loop import load_checkpoint, save_atomic
+
+
+@pytest.fixture(scope="module")
+def original(tmp_path_factory):
+    """A barely trained mae_vit_tiny: what unlearning starts from in these tests."""
+    out = tmp_path_factory.mktemp("original")
+    pretrain(PretrainConfig(device="cpu", loop=LoopConfig(out=str(out), epochs=0.1, batch_size=32, progress=False)))
+    return str(out / "checkpoint.pt")
+
+
+def test_select_builds_the_reference_sets():
+    data = data_lib.load_digits("train", 16)
+    sets = data_lib.select(data, ["0"], ["2", "3"], retain_ratio=0.5)
+    assert set(sets.forget.labels.tolist()) == {0}
+    assert set(sets.retain.labels.tolist()) <= {2, 3} and len(sets.retain) == round(0.5 * len(sets.forget))
+    proxy = data_lib.select(data, ["0"], proxy=["7"], proxy_ratio=2.0)
+    assert set(proxy.retain.labels.tolist()) == {7} and len(proxy.retain) == min(2 * len(proxy.forget), 
+                                                                                 int((data.labels == 7).sum()))
+    with pytest.raises(ValueError, match="unknown forget class 'eleven'; known classes: 0, 1, 2"):
+        data_lib.select(data, ["eleven"])
+    with pytest.raises(ValueError, match=r"classes \['1'\] are both forgotten and kept"):
+        data_lib.select(data, ["1"], ["1"])
+
+
+def test_stream_is_one_to_one_and_a_function_of_seed_and_epoch():
+    data = data_lib.load_digits("train", 16)
+    sets = data_lib.select(data, ["0", "1"], ["2"], retain_ratio=0.3)
+    index, is_forget = data_lib.stream(sets, epoch=3, seed=5)
+    assert int(is_forget.sum()) == len(is_forget) // 2 == max(len(sets.forget), len(sets.retain))
+    assert bool((index[is_forget] < len(sets.forget)).all()) and bool((index[~is_forget] >= len(sets.forget)).all())
+    again = data_lib.stream(sets, epoch=3, seed=5)
+    assert torch.equal(index, again[0]) and not torch.equal(index, data_lib.stream(sets, epoch=4, seed=5)[0])
+
+
+def _unlearn(original, out, **loop):
+    cfg = UnlearnConfig(checkpoint=original, forget_classes=("0", "1"), retain_classes=("2", "3"), device="cpu",
+                        loop=LoopConfig(out=str(out), epochs=0.5, batch_size=32, blr=1e-3, log_every=2,
+                                        progress=False, **loop))
+    return unlearn(cfg)
+
+
+def test_unlearning_trains_the_encoder_only(original, tmp_path):
+    metrics = _unlearn(original, tmp_path)
+    before, after = load_mae(original).state_dict(), load_mae(str(tmp_path / "checkpoint.pt")).state_dict()
+    for name in before:
+        changed = not torch.equal(before[name], after[name])
+        encoder = not name.startswith(("decoder", "mask_token")) and name != "pos_embed"
+        assert changed == encoder, name
+    lines = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    assert lines[-1]["step"] == metrics["step"] and {"loss", "retain_loss", "forget_loss", "lr"} <= set(lines[-1])
+
+
+def test_resume_repeats_the_uninterrupted_run_bitwise(original, tmp_path):
+    _unlearn(original, tmp_path / "whole")
+    _unlearn(original, tmp_path / "parts", stop_after=3)
+    assert load_checkpoint(str(tmp_path / "parts" / "checkpoint.pt"))["step"] == 3
+    _unlearn(original, tmp_path / "parts", resume=True)
+    whole = load_checkpoint(str(tmp_path / "whole" / "checkpoint.pt"))
+    parts = load_checkpoint(str(tmp_path / "parts" / "checkpoint.pt"))
+    assert whole["step"] == parts["step"] > 3
+    for name, value in whole["model"].items():
+        assert torch.equal(value, parts["model"][name]), name
+
+
+def test_two_ranks_compute_what_one_does(original, tmp_path):
+    """torchrun, 2 CPU ranks (gloo) with 8 images each = 1 process with 16, to float rounding."""
+    common = ["unlearn", "--checkpoint", original, "--forget-classes", "0,1", "--retain-classes", "2,3",
+              "--epochs", "0.4", "--blr", "1e-3", "--noise", "uniform", "--device", "cpu", "--log-every", "1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    one = subprocess.run([sys.executable, "-m", "fastforget.cli", *common, "--batch-size", "16", "--out",
+                          str(tmp_path / "one")], env=env, capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          "-m", "fastforget.cli", *common, "--batch-size", "8", "--out", str(tmp_path / "two")],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert two.returncode == 0, two.stderr[-2000:]
+    a = load_checkpoint(str(tmp_path / "one" / "checkpoint.pt"))
+    b = load_checkpoint(str(tmp_path / "two" / "checkpoint.pt"))
+    assert a["step"] == b["step"] >= 2
+    for name, value in a["model"].items():
+        torch.testing.assert_close(value, b["model"][name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_checkpoints_are_atomic_and_damage_is_a_clear_error(tmp_path):
+    path = str(tmp_path / "checkpoint.pt")
+    save_atomic({"model": {}, "optimizer": {}, "step": 1}, path)
+    assert load_checkpoint(path)["step"] == 1 and os.listdir(tmp_path) == ["checkpoint.pt"]
+    with open(path, "r+b") as f:
+        f.truncate(40)
+    with pytest.raises(ValueError, match="cannot be read"):
+        load_checkpoint(path)
