@@ -5,10 +5,11 @@ forget/retain embedding-distance loss, the masked-patch encoding and the routed 
 registered as torch custom ops with autograd.
 """
 from . import nn
+from .train import LoopConfig, PretrainConfig, UnlearnConfig, pretrain, unlearn
 from .ops import UnlearnLossOutput, make_teacher_batch, masked_patch_embed, random_masking, unlearn_loss
 
 __version__ = "0.1.0"
 __all__ = [
-    "UnlearnLossOutput", "make_teacher_batch", "masked_patch_embed", "nn", "random_masking", "unlearn_loss",
-    "__version__",
+    "LoopConfig", "PretrainConfig", "UnlearnConfig", "UnlearnLossOutput", "make_teacher_batch",
+    "masked_patch_embed", "nn", "pretrain", "random_masking", "unlearn", "unlearn_loss", "__version__",
 ]

@@ -102,3 +102,15 @@ def test_checkpoints_are_atomic_and_damage_is_a_clear_error(tmp_path):
         f.truncate(40)
     with pytest.raises(ValueError, match="cannot be read"):
         load_checkpoint(path)
+
+
+def test_demo_runs_end_to_end_at_toy_length(tmp_path):
+    """The demo's pipeline (not its numbers: make demo trains long enough for those)."""
+    from fastforget.train.demo import DemoConfig, run
+
+    report = run(DemoConfig(out=str(tmp_path), pretrain_epochs=0.2, unlearn_epochs=0.5, batch_size=64))
+    assert set(report["models"]) == {"original", "ours", "ours_proxy"}
+    assert report["forget_classes"] == ["0", "1"] and report["proxy_classes"] == ["6", "7", "8", "9"]
+    saved = json.load(open(tmp_path / "report.json"))
+    assert all(saved["models"][m][s]["mse"] > 0 for m in saved["models"] for s in ("forget", "retain"))
+    assert (tmp_path / "reconstructions.png").stat().st_size > 1000

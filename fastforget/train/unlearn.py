@@ -53,6 +53,17 @@ class Encoder(nn.Module):
         return self.mae.encode(images, ids_keep)
 
 
+# Data sets up to this size live on the GPU: a step's batch is then an index, with no host copy.
+DEVICE_DATA_BYTES = 2 << 30
+
+
+def _stage(images: Tensor, d: Dist) -> Tensor:
+    """images where batches are cheapest to take from: the GPU when they fit, else pinned memory."""
+    if d.device.type != "cuda":
+        return images
+    return images.to(d.device) if images.numel() * images.element_size() <= DEVICE_DATA_BYTES else images.pin_memory()
+
+
 def _autocast(device: torch.device):
     return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
 
@@ -63,7 +74,7 @@ def _rank_batches(images: Tensor, cfg: LoopConfig, d: Dist, steps_per_epoch: int
         epoch, within = divmod(step, steps_per_epoch)
         order, is_forget = epoch_order(epoch)
         start = ((within * cfg.accum_steps + micro) * d.world + d.rank) * cfg.batch_size
-        take = order[start:start + cfg.batch_size]
+        take = order[start:start + cfg.batch_size].to(images.device)
         out = (images[take].to(d.device, non_blocking=True),)
         return out + ((is_forget[start:start + cfg.batch_size].to(d.device),) if is_forget is not None else ())
     return batches
@@ -86,9 +97,7 @@ def unlearn(cfg: UnlearnConfig) -> dict:
     proxy_data = data_lib.load(cfg.proxy_data, size) if cfg.proxy_data else None
     sets = data_lib.select(dataset, cfg.forget_classes, cfg.retain_classes, cfg.proxy_classes, proxy_data,
                            cfg.retain_ratio, cfg.proxy_ratio, seed=cfg.loop.seed)
-    images = torch.cat([sets.forget.images, sets.retain.images])
-    if d.device.type == "cuda":
-        images = images.pin_memory()
+    images = _stage(torch.cat([sets.forget.images, sets.retain.images]), d)
 
     student = original.to(d.device)
     for p in student.parameters():
@@ -160,7 +169,7 @@ def pretrain(cfg: PretrainConfig) -> dict:
     def epoch_order(epoch: int):
         return torch.randperm(len(dataset), generator=torch.Generator().manual_seed(cfg.loop.seed * 7919 + epoch)), None
 
-    batches = _rank_batches(dataset.images, cfg.loop, d, steps_per_epoch, epoch_order)
+    batches = _rank_batches(_stage(dataset.images, d), cfg.loop, d, steps_per_epoch, epoch_order)
 
     def loss_fn(batch, gen, module):
         imgs, = batch
