@@ -13,7 +13,7 @@ native_dirs = ("common", "cpu", "cuda")
 packages = ["fastforget", "fastforget.ops", "fastforget.bench", "fastforget.models", "fastforget.train", "fastforget.kernels"]
 packages += [f"fastforget.csrc.{d}" for d in native_dirs]
 package_dir.update({f"fastforget.csrc.{d}": f"csrc/{d}" for d in native_dirs})
-package_data = {f"fastforget.csrc.{d}": ["*.cpp", "*.cu", "*.h"] for d in native_dirs}
+package_data = {f"fastforget.csrc.{d}": ["*.cpp", "*.cu", "*.cuh", "*.h"] for d in native_dirs}
 
 ext_modules, cmdclass = [], {}
 if os.environ.get("FASTFORGET_BUILD_EXT") == "1":

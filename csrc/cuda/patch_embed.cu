@@ -1,23 +1,13 @@
 // One block per output row: its threads copy the kept patch's pixels (converted to the parameter
 // dtype) into the patch matrix and write bias + position (or cls + its position) into the output
 // row, which the GEMM then accumulates onto.
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-
 #include "patch_embed.h"
+#include "scalar.cuh"
 
 namespace fastforget {
 namespace {
 
 constexpr int kThreads = 256;
-
-__device__ __forceinline__ float to_f(float x) { return x; }
-__device__ __forceinline__ float to_f(__half x) { return __half2float(x); }
-__device__ __forceinline__ float to_f(__nv_bfloat16 x) { return __bfloat162float(x); }
-template <typename T> __device__ __forceinline__ T from_f(float x);
-template <> __device__ __forceinline__ float from_f<float>(float x) { return x; }
-template <> __device__ __forceinline__ __half from_f<__half>(float x) { return __float2half_rn(x); }
-template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
 
 template <typename I, typename P>
 __global__ void __launch_bounds__(kThreads) gather_kernel(PatchEmbedArgs a) {
@@ -45,15 +35,6 @@ __global__ void __launch_bounds__(kThreads) gather_kernel(PatchEmbedArgs a) {
   const P* pos_row = pos + (1 + l) * a.dim;
   for (int64_t d = threadIdx.x; d < a.dim; d += kThreads)
     out_row[d] = from_f<P>(to_f(pos_row[d]) + (bias ? to_f(bias[d]) : 0.0f));
-}
-
-template <typename Fn>
-void dispatch(DType dtype, Fn&& fn) {
-  switch (dtype) {
-    case DType::kFloat32: fn(static_cast<float*>(nullptr)); break;
-    case DType::kFloat16: fn(static_cast<__half*>(nullptr)); break;
-    case DType::kBFloat16: fn(static_cast<__nv_bfloat16*>(nullptr)); break;
-  }
 }
 
 }  // namespace

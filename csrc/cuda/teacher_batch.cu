@@ -1,10 +1,8 @@
 // Teacher batch: per-chunk moments (two passes over a chunk the block just read, so the second
 // hits L2), a one-block merge in a fixed tree order (deterministic), then one pass that copies
 // retain rows and writes clamped Philox noise into forget rows.
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-
 #include "teacher_batch.h"
+#include "scalar.cuh"
 
 namespace fastforget {
 namespace {
@@ -13,14 +11,6 @@ constexpr int kThreads = 256;
 constexpr int64_t kStatsChunk = 16384;
 constexpr int kMergeThreads = 256;
 constexpr int64_t kOutChunk = 4096;
-
-__device__ __forceinline__ float to_f(float x) { return x; }
-__device__ __forceinline__ float to_f(__half x) { return __half2float(x); }
-__device__ __forceinline__ float to_f(__nv_bfloat16 x) { return __bfloat162float(x); }
-template <typename T> __device__ __forceinline__ T from_f(float x);
-template <> __device__ __forceinline__ float from_f<float>(float x) { return x; }
-template <> __device__ __forceinline__ __half from_f<__half>(float x) { return __float2half_rn(x); }
-template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
 
 __device__ double block_sum(double x) {
   __shared__ double warp_sums[kThreads / 32];
@@ -91,15 +81,6 @@ __global__ void __launch_bounds__(kThreads) output_kernel(TeacherBatchArgs a, co
     float v = noise_value(a.noise, first + uint64_t(i), seed, mean, std, lo, hi);
     if (a.clamp) v = fminf(fmaxf(v, a.clamp_lo), a.clamp_hi);
     out[i] = from_f<T>(v);
-  }
-}
-
-template <typename Fn>
-void dispatch(DType dtype, Fn&& fn) {
-  switch (dtype) {
-    case DType::kFloat32: fn(static_cast<float*>(nullptr)); break;
-    case DType::kFloat16: fn(static_cast<__half*>(nullptr)); break;
-    case DType::kBFloat16: fn(static_cast<__nv_bfloat16*>(nullptr)); break;
   }
 }
 

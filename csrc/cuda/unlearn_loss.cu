@@ -1,10 +1,8 @@
 // Fused forget/retain loss: one pass reads student and the row's target, writes the gradient and a
 // per-chunk partial sum; a one-block pass reduces the partials in a fixed order (deterministic, no
 // atomics). Loads are 16 bytes wide when every row start is 16-byte aligned.
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-
 #include "unlearn_loss.h"
+#include "scalar.cuh"
 
 namespace fastforget {
 namespace {
@@ -16,14 +14,6 @@ constexpr int64_t kChunk = int64_t(kThreads) * kVec * kSteps;
 // Above this many rows each block would re-read too much of is_forget: count once, up front.
 constexpr int64_t kInlineCountMaxRows = 4096;
 constexpr int kFinalizeThreads = 1024;
-
-__device__ __forceinline__ float to_f(float x) { return x; }
-__device__ __forceinline__ float to_f(__half x) { return __half2float(x); }
-__device__ __forceinline__ float to_f(__nv_bfloat16 x) { return __bfloat162float(x); }
-template <typename T> __device__ __forceinline__ T from_f(float x);
-template <> __device__ __forceinline__ float from_f<float>(float x) { return x; }
-template <> __device__ __forceinline__ __half from_f<__half>(float x) { return __float2half_rn(x); }
-template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
 
 // 8 elements at a 16-byte aligned address: one 16-byte access for 16-bit types, two for float.
 template <typename T>
@@ -185,15 +175,6 @@ __global__ void __launch_bounds__(kThreads)
     i = vec_end;
   }
   for (int64_t k = i + threadIdx.x; k < end; k += kThreads) g[k] = from_f<S>(to_f(g[k]) * scale);
-}
-
-template <typename Fn>
-void dispatch(DType dtype, Fn&& fn) {
-  switch (dtype) {
-    case DType::kFloat32: fn(static_cast<float*>(nullptr)); break;
-    case DType::kFloat16: fn(static_cast<__half*>(nullptr)); break;
-    case DType::kBFloat16: fn(static_cast<__nv_bfloat16*>(nullptr)); break;
-  }
 }
 
 bool aligned16(const void* p, int64_t row_stride_bytes) {
