@@ -1,4 +1,4 @@
-"""The `fastforget` command: `demo`, `unlearn`, `pretrain`, `info` and `bench`."""
+"""The `fastforget` command: `demo`, `unlearn`, `pretrain`, `eval`, `info` and `bench`."""
 from __future__ import annotations
 
 import argparse
@@ -71,6 +71,15 @@ def main(argv=None) -> int:
     pretrain.add_argument("--data", default="digits")
     pretrain.add_argument("--mask-ratio", type=float, default=0.75)
     loop_args(pretrain, "pretrained", 80, 1.5e-4)
+    ev = sub.add_parser("eval", help="the paper's metrics for models on the retain and forget sets")
+    ev.add_argument("--models", required=True, help="NAME=CHECKPOINT,... (the first is the original model)")
+    ev.add_argument("--data", default="digits", help="'digits' (its test split) or an ImageFolder directory")
+    ev.add_argument("--forget-classes", required=True)
+    ev.add_argument("--retain-classes", required=True)
+    ev.add_argument("--task", default="both", choices=["inpaint", "outpaint", "both"])
+    ev.add_argument("--ratio", type=float, default=0.5, help="side of the centre square, as a fraction")
+    ev.add_argument("--features", default="digits", help="digits, encoder or inception:PATH")
+    ev.add_argument("--out", default="eval-out")
     demo = sub.add_parser("demo", help="pretrain, unlearn digits 0 and 1 two ways, evaluate (make demo)")
     demo.add_argument("--out", default="demo-out")
     args = parser.parse_args(argv)
@@ -93,6 +102,15 @@ def main(argv=None) -> int:
             proxy_data=args.proxy_data, retain_ratio=args.retain_ratio, proxy_ratio=args.proxy_ratio,
             forget_weight=args.forget_weight, normalize=args.normalize, noise=args.noise, mask_ratio=args.mask_ratio, device=args.device,
             loop=loop)))
+        return 0
+    if args.command == "eval":
+        from .eval.run import evaluate_checkpoints
+
+        split = lambda text: tuple(c for c in text.split(",") if c)  # noqa: E731
+        evaluate_checkpoints(dict(pair.split("=", 1) for pair in split(args.models)), args.data,
+                             split(args.forget_classes), split(args.retain_classes),
+                             ("inpaint", "outpaint") if args.task == "both" else (args.task,), args.ratio,
+                             args.features, args.out)
         return 0
     if args.command == "demo":
         from .train.demo import DemoConfig, run as run_demo

@@ -1,0 +1,147 @@
+"""`fastforget eval`: each model on each task and set, with the paper's metrics; the reference's
+CSV formats (fid_is_eval_{task}.csv, clip_cosine_{task}.csv), report.json, results.md, an image
+grid per task and a t-SNE plot of ground-truth and generated embeddings."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import metrics
+from .features import Extractor, embed_all
+from .tasks import complete, removed_patches
+
+SETS = ("retain", "forget")
+
+
+@torch.no_grad()
+def evaluate(models: dict, sets: dict, extractor: Extractor, tasks=("inpaint", "outpaint"), ratio: float = 0.5,
+             out: Optional[str] = None) -> dict:
+    """report[task][model][set] = {mse, psnr, fid, is_mean, is_std, cosine, accuracy}; files under out."""
+    report: dict = {}
+    truth = {s: embed_all(extractor, sets[s].images) for s in SETS}
+    generated: dict = {}
+    for task in tasks:
+        report[task] = {}
+        for name, model in models.items():
+            model.eval()
+            removed = removed_patches(model, task, ratio)
+            report[task][name] = {}
+            for s in SETS:
+                images, labels = sets[s].images, sets[s].labels
+                output, region = complete(model, images, removed)
+                generated[(task, name, s)] = output
+                mse = metrics.region_mse(output, images, region)
+                feats, logits = embed_all(extractor, output)
+                row = {"mse": mse, "psnr": metrics.psnr(mse), "fid": metrics.frechet_distance(feats, truth[s][0]),
+                       "cosine": metrics.mean_cosine(feats, truth[s][0])}
+                if logits is not None:
+                    row["is_mean"], row["is_std"] = metrics.inception_score(logits)
+                    if extractor.labels:
+                        row["accuracy"] = float((logits.argmax(1) == labels).float().mean())
+                report[task][name][s] = row
+    if out:
+        os.makedirs(out, exist_ok=True)
+        write_outputs(report, out)
+        for task in tasks:
+            _grid(models, sets, task, ratio, generated, os.path.join(out, f"grid_{task}.png"))
+        _tsne(extractor, sets, generated, tasks[0], models, os.path.join(out, f"tsne_{tasks[0]}.png"))
+    return report
+
+
+def evaluate_checkpoints(checkpoints: dict, data: str, forget, retain, tasks, ratio: float, features: str,
+                         out: str) -> dict:
+    """`fastforget eval`: models by checkpoint path (the first is the original), sets by class."""
+    from ..models import load_mae
+    from ..train import data as data_lib
+    from .features import extractor
+
+    if not checkpoints:
+        raise ValueError("--models must name at least one NAME=CHECKPOINT")
+    models = {name: load_mae(path) for name, path in checkpoints.items()}
+    original = next(iter(models.values()))
+    dataset = data_lib.load(data, original.patch_embed.img_size[0], split="test")
+    sets = {}
+    for s, names in (("forget", forget), ("retain", retain)):
+        ids = torch.tensor(data_lib.class_indices(dataset, names, s))
+        sets[s] = dataset.subset(torch.isin(dataset.labels, ids).nonzero()[:, 0])
+        if len(sets[s]) < 10:
+            raise ValueError(f"the {s} classes {list(names)} have {len(sets[s])} test images; 10 at least")
+    report = evaluate(models, sets, extractor(features, original), tasks, ratio, out)
+    print(markdown(report))
+    return report
+
+
+def write_outputs(report: dict, out: str) -> None:
+    for task, per_model in report.items():
+        with open(os.path.join(out, f"fid_is_eval_{task}.csv"), "w", newline="") as f:
+            w = csv.writer(f)
+            for name, r in per_model.items():
+                w.writerow([name, r["retain"]["fid"], r["retain"].get("is_mean", ""), r["retain"].get("is_std", ""),
+                            r["forget"]["fid"], r["forget"].get("is_mean", ""), r["forget"].get("is_std", "")])
+        with open(os.path.join(out, f"clip_cosine_{task}.csv"), "w", newline="") as f:
+            w = csv.writer(f)
+            for name, r in per_model.items():
+                w.writerow([name, r["retain"]["cosine"], r["forget"]["cosine"]])
+    with open(os.path.join(out, "report.json"), "w") as f:
+        json.dump(report, f, indent=2)
+    with open(os.path.join(out, "results.md"), "w") as f:
+        f.write(markdown(report))
+
+
+def markdown(report: dict) -> str:
+    cols = ("mse", "psnr", "fid", "is_mean", "cosine", "accuracy")
+    lines = []
+    for task, per_model in report.items():
+        lines += [f"### {task}", "", "| model | " + " | ".join(f"{s} {c}" for s in SETS for c in cols) + " |",
+                  "|---|" + "---|" * (2 * len(cols))]
+        for name, r in per_model.items():
+            cells = [f"{r[s][c]:.4g}" if c in r[s] else "" for s in SETS for c in cols]
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _grid(models, sets, task, ratio, generated, path, per_set: int = 6) -> None:
+    """Rows: ground truth, the task's input (removed region grey), each model's output."""
+    from torchvision.utils import save_image
+
+    truth = torch.cat([sets[s].images[:per_set] for s in ("forget", "retain")])
+    first = next(iter(models.values()))
+    region = first.unpatchify(removed_patches(first, task, ratio).float()[None, :, None].expand(
+        1, -1, first.patchify(truth[:1]).shape[-1]))[:, :1]
+    rows = [truth, truth * (1 - region) + 0.5 * region]
+    rows += [torch.cat([generated[(task, name, s)][:per_set] for s in ("forget", "retain")]) for name in models]
+    grid = torch.nn.functional.interpolate(torch.cat(rows), scale_factor=4, mode="nearest")
+    save_image(grid, path, nrow=truth.shape[0], padding=2, pad_value=1.0)
+
+
+def _tsne(extractor, sets, generated, task, models, path, per_set: int = 150) -> None:
+    """t-SNE of ground-truth and generated embeddings of both sets, one panel per model, as a PNG."""
+    from PIL import Image, ImageDraw
+    from sklearn.manifold import TSNE
+
+    colours = {("truth", "retain"): (40, 90, 220), ("truth", "forget"): (220, 60, 40),
+               ("gen", "retain"): (120, 170, 255), ("gen", "forget"): (255, 160, 120)}
+    size, pad = 240, 10
+    canvas = Image.new("RGB", (len(models) * (size + pad) + pad, size + 2 * pad + 16), "white")
+    draw = ImageDraw.Draw(canvas)
+    for k, name in enumerate(models):
+        groups, feats = [], []
+        for s in SETS:
+            for kind, images in (("truth", sets[s].images[:per_set]), ("gen", generated[(task, name, s)][:per_set])):
+                f = embed_all(extractor, images)[0]
+                feats.append(f)
+                groups += [(kind, s)] * len(f)
+        xy = TSNE(n_components=2, perplexity=20, init="pca", random_state=0).fit_transform(torch.cat(feats).numpy())
+        xy = (xy - xy.min(0)) / (xy.max(0) - xy.min(0) + 1e-9) * (size - 8) + 4
+        x0 = pad + k * (size + pad)
+        draw.rectangle([x0, pad, x0 + size, pad + size], outline=(180, 180, 180))
+        for (px, py), g in zip(xy, groups):
+            draw.ellipse([x0 + px - 2, pad + py - 2, x0 + px + 2, pad + py + 2], fill=colours[g])
+        draw.text((x0 + 4, pad + size + 2), name, fill=(0, 0, 0))
+    canvas.save(path)

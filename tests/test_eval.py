@@ -1,0 +1,72 @@
+"""fastforget eval: tasks, feature extractors and the reference's output formats."""
+import csv
+import json
+
+import pytest
+import torch
+
+from fastforget.eval.features import Extractor, extractor
+from fastforget.eval.run import evaluate
+from fastforget.eval.tasks import complete, removed_patches
+from fastforget.models import create_mae
+from fastforget.train.data import ImageSet
+
+
+def test_tasks_remove_the_centre_or_the_border():
+    model = create_mae("mae_vit_tiny")  # 8 x 8 patches
+    inpaint = removed_patches(model, "inpaint", 0.5).view(8, 8)
+    assert inpaint.sum() == 16 and inpaint[2:6, 2:6].all()
+    assert torch.equal(removed_patches(model, "outpaint", 0.5).view(8, 8), ~inpaint)
+    with pytest.raises(ValueError, match="task must be one of"):
+        removed_patches(model, "colorize")
+
+
+def test_completion_keeps_the_given_pixels():
+    model = create_mae("mae_vit_tiny").eval()
+    images = torch.rand(3, 1, 16, 16)
+    out, region = complete(model, images, removed_patches(model, "inpaint"))
+    assert region.sum() == 64 and torch.equal(out * (1 - region), images * (1 - region))
+    assert not torch.equal(out, images)
+
+
+def _sets(n=12):
+    g = torch.Generator().manual_seed(0)
+    return {s: ImageSet(torch.rand(n, 1, 16, 16, generator=g), torch.randint(0, 10, (n,), generator=g),
+                        [str(i) for i in range(10)]) for s in ("retain", "forget")}
+
+
+def test_evaluate_writes_the_reference_formats(tmp_path):
+    models = {"original": create_mae("mae_vit_tiny"), "other": create_mae("mae_vit_tiny")}
+    fake = Extractor("fake", lambda x: (x.flatten(1)[:, :8], x.flatten(1)[:, :10]), labels=True)
+    report = evaluate(models, _sets(), fake, ("inpaint", "outpaint"), 0.5, str(tmp_path))
+    row = report["inpaint"]["other"]["forget"]
+    assert {"mse", "psnr", "fid", "is_mean", "is_std", "cosine", "accuracy"} <= set(row)
+    rows = list(csv.reader(open(tmp_path / "fid_is_eval_inpaint.csv")))
+    assert [r[0] for r in rows] == ["original", "other"] and len(rows[0]) == 7
+    assert float(rows[1][4]) == pytest.approx(row["fid"])
+    cos = list(csv.reader(open(tmp_path / "clip_cosine_outpaint.csv")))
+    assert len(cos) == 2 and len(cos[0]) == 3
+    assert json.load(open(tmp_path / "report.json"))["outpaint"]["original"]["retain"]["mse"] > 0
+    for name in ("results.md", "grid_inpaint.png", "grid_outpaint.png", "tsne_inpaint.png"):
+        assert (tmp_path / name).stat().st_size > 100, name
+
+
+def test_feature_extractors(tmp_path):
+    images = torch.rand(4, 1, 16, 16)
+    model = create_mae("mae_vit_tiny")
+    feats, logits = extractor("encoder", model).embed(images)
+    assert feats.shape == (4, 64) and logits is None
+
+    class Inception(torch.nn.Module):  # the shape of clean-fid's TorchScript: features and logits
+        def forward(self, x):
+            assert x.shape[1:] == (3, 299, 299)
+            return x.mean((2, 3)).repeat(1, 4), x.mean((2, 3))
+
+    path = str(tmp_path / "inception.pt")
+    torch.jit.script(Inception()).save(path)
+    feats, logits = extractor(f"inception:{path}").embed(images)
+    assert feats.shape == (4, 12) and logits.shape == (4, 3)
+    with pytest.raises(FileNotFoundError, match="no TorchScript file"):
+        extractor("inception:/nowhere.pt")
+    with pytest.raises(ValueError, match="--features must be"):
+        extractor("clip")
