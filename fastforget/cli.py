@@ -60,6 +60,9 @@ def main(argv=None) -> int:
     unlearn.add_argument("--proxy-data", default=None, help="an ImageFolder directory of proxy retain images")
     unlearn.add_argument("--retain-ratio", type=float, default=1.0, help="real retain samples per forget sample")
     unlearn.add_argument("--proxy-ratio", type=float, default=1.0, help="retain samples in all per forget sample")
+    unlearn.add_argument("--method", default="ours",
+                         choices=["ours", "max-loss", "noisy-label", "retain-label", "random-encoder"],
+                         help="the method (ours) or one of the reference's baselines")
     unlearn.add_argument("--forget-weight", type=float, default=0.2, help="alpha, the forget loss's weight")
     unlearn.add_argument("--normalize", default="reference", choices=["reference", "set"],
                          help="loss normalisation (reference: the reference code's, exact under DDP)")
@@ -100,7 +103,8 @@ def main(argv=None) -> int:
             checkpoint=args.checkpoint, model=args.model, data=args.data, forget_classes=split(args.forget_classes),
             retain_classes=split(args.retain_classes), proxy_classes=split(args.proxy_classes),
             proxy_data=args.proxy_data, retain_ratio=args.retain_ratio, proxy_ratio=args.proxy_ratio,
-            forget_weight=args.forget_weight, normalize=args.normalize, noise=args.noise, mask_ratio=args.mask_ratio, device=args.device,
+            forget_weight=args.forget_weight, normalize=args.normalize, noise=args.noise, mask_ratio=args.mask_ratio,
+            method=args.method, device=args.device,
             loop=loop)))
         return 0
     if args.command == "eval":

@@ -114,3 +114,24 @@ def test_demo_runs_end_to_end_at_toy_length(tmp_path):
     saved = json.load(open(tmp_path / "report.json"))
     assert all(saved["models"][m][s]["mse"] > 0 for m in saved["models"] for s in ("forget", "retain"))
     assert (tmp_path / "reconstructions.png").stat().st_size > 1000
+
+
+@pytest.mark.parametrize("method", ["max-loss", "noisy-label", "retain-label", "random-encoder"])
+def test_baselines_train_what_the_reference_trains(original, tmp_path, method):
+    cfg = UnlearnConfig(checkpoint=original, forget_classes=("0",), retain_classes=("2",), method=method,
+                        device="cpu", loop=LoopConfig(out=str(tmp_path), epochs=0.5, batch_size=16, blr=1e-3,
+                                                      log_every=1, progress=False))
+    metrics = unlearn(cfg)
+    assert {"loss", "retain_loss", "forget_loss"} <= set(metrics)
+    before, after = load_mae(original).state_dict(), load_mae(str(tmp_path / "checkpoint.pt")).state_dict()
+    decoder_moved = not torch.equal(before["decoder_pred.weight"], after["decoder_pred.weight"])
+    assert decoder_moved == (method != "random-encoder")
+    assert not torch.equal(before["blocks.0.attn.qkv.weight"], after["blocks.0.attn.qkv.weight"])
+    assert torch.equal(before["pos_embed"], after["pos_embed"])
+    assert load_checkpoint(str(tmp_path / "checkpoint.pt"))["method"] == method
+
+
+def test_unknown_method_is_refused(original, tmp_path):
+    with pytest.raises(ValueError, match="method must be one of"):
+        unlearn(UnlearnConfig(checkpoint=original, forget_classes=("0",), method="forget-harder",
+                              loop=LoopConfig(out=str(tmp_path))))

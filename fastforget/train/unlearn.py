@@ -1,9 +1,21 @@
-"""`fastforget unlearn` and `fastforget pretrain`: the method's training and MAE pretraining.
+"""`fastforget unlearn` and `fastforget pretrain`: the method, its baselines, MAE pretraining.
 
-Unlearning (Li, Hsu, Chen, Marculescu, ICLR 2024): only the encoder trains; the decoder and the
-teacher (a frozen copy of the original encoder, in bf16 on the GPU, never in DDP) do not. A step:
-one random mask per row shared by student and teacher; make_teacher_batch routes forget rows to
-noise; ONE teacher pass; unlearn_loss on the two latents.
+Unlearning (Li, Hsu, Chen, Marculescu, ICLR 2024), method "ours": only the encoder trains; the
+decoder and the teacher (a frozen copy of the original encoder, in bf16 on the GPU, never in DDP)
+do not. A step: one random mask per row shared by student and teacher; make_teacher_batch routes
+forget rows to noise; ONE teacher pass; unlearn_loss on the two latents.
+
+The baselines, as the reference code defines them for MAE (alpha = forget_weight):
+- max-loss: the whole model trains; retain reconstruction loss - alpha * forget reconstruction loss.
+- noisy-label: the whole model trains; forget rows are reconstructed towards noise images (made as
+  make_teacher_batch makes them), retain rows towards themselves.
+- retain-label: the whole model trains; retain rows match the original model's outputs, forget rows
+  the original model's outputs for the batch's retain rows.
+- random-encoder: only the encoder trains; forget rows' target is Gaussian noise with the mean and
+  std of the teacher's latents; retain rows as ours.
+The reference's baseline loss weights its forget term by (1 + label), which is zero on forget rows
+(label -1 there): it never trains on them. Here every baseline weights the forget term by alpha,
+the intended semantics.
 """
 from __future__ import annotations
 
@@ -37,9 +49,14 @@ class UnlearnConfig:
     normalize: str = "reference"
     noise: str = "normal"
     mask_ratio: float = 0.75
+    method: str = "ours"
     model: Optional[str] = None  # from the checkpoint when it records it
     device: Optional[str] = None
     loop: LoopConfig = field(default_factory=lambda: LoopConfig(out="unlearned"))
+
+
+METHODS = ("ours", "max-loss", "noisy-label", "retain-label", "random-encoder")
+WHOLE_MODEL = ("max-loss", "noisy-label", "retain-label")  # the baselines that train the decoder too
 
 
 class Encoder(nn.Module):
@@ -62,6 +79,28 @@ def _stage(images: Tensor, d: Dist) -> Tensor:
     if d.device.type != "cuda":
         return images
     return images.to(d.device) if images.numel() * images.element_size() <= DEVICE_DATA_BYTES else images.pin_memory()
+
+
+class Reconstructor(nn.Module):
+    """The whole MAE as the whole-model baselines train it: (images, masks) -> predicted patches."""
+
+    def __init__(self, mae: nn.Module):
+        super().__init__()
+        self.mae = mae
+
+    def forward(self, images: Tensor, ids_keep: Tensor, ids_restore: Tensor) -> Tensor:
+        return self.mae.forward_decoder(self.mae.encode(images, ids_keep), ids_restore)
+
+
+def _masked_error(pred: Tensor, target: Tensor, mask: Tensor) -> Tensor:
+    """(B,): each row's mean squared error over its removed patches (MAE's loss, per sample)."""
+    return (((pred.float() - target.float()) ** 2).mean(-1) * mask).sum(1) / mask.sum(1)
+
+
+def _set_means(per_row: Tensor, is_forget: Tensor) -> tuple[Tensor, Tensor]:
+    """(retain mean, forget mean) of per-row values; an empty set gives 0 (no host sync)."""
+    f = is_forget.float()
+    return ((per_row * (1 - f)).sum() / (1 - f).sum().clamp_min(1), (per_row * f).sum() / f.sum().clamp_min(1))
 
 
 def _autocast(device: torch.device):
@@ -88,6 +127,8 @@ def _rank_rows(gen: torch.Generator, batch: int, length: int, d: Dist) -> Tensor
 
 def unlearn(cfg: UnlearnConfig) -> dict:
     """Makes the checkpoint's model forget cfg.forget_classes; writes cfg.loop.out/checkpoint.pt."""
+    if cfg.method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {cfg.method!r}")
     d = setup_distributed(cfg.device)
     torch.manual_seed(cfg.loop.seed)
     original = load_mae(cfg.checkpoint, cfg.model)
@@ -100,10 +141,13 @@ def unlearn(cfg: UnlearnConfig) -> dict:
     images = _stage(torch.cat([sets.forget.images, sets.retain.images]), d)
 
     student = original.to(d.device)
+    whole = cfg.method in WHOLE_MODEL
     for p in student.parameters():
-        p.requires_grad_(False)
+        p.requires_grad_(whole)
     for p in student.encoder_parameters():
         p.requires_grad_(True)
+    student.pos_embed.requires_grad_(False)  # MAE's positions are fixed
+    student.decoder_pos_embed.requires_grad_(False)
     teacher = copy.deepcopy(student).eval().requires_grad_(False)
     if d.device.type == "cuda":
         teacher = teacher.to(torch.bfloat16)
@@ -121,23 +165,51 @@ def unlearn(cfg: UnlearnConfig) -> dict:
     batches = _rank_batches(images, cfg.loop, d, steps_per_epoch, epoch_order)
     length = student.num_patches
 
-    def loss_fn(batch, gen, encoder):
+    alpha = cfg.forget_weight
+
+    def noise_images(imgs, is_forget, gen):
+        return make_teacher_batch(imgs, is_forget, noise=cfg.noise, clamp=(0.0, 1.0), generator=gen,
+                                  first_row=d.rank * imgs.shape[0])
+
+    def loss_fn(batch, gen, module):
         imgs, is_forget = batch
-        ids_keep = random_masking(imgs.shape[0], length, cfg.mask_ratio, device=d.device,
-                                  noise=_rank_rows(gen, imgs.shape[0], length, d))[0]
-        teacher_in = make_teacher_batch(imgs, is_forget, noise=cfg.noise, clamp=(0.0, 1.0), generator=gen,
-                                        first_row=d.rank * imgs.shape[0])
-        with torch.no_grad():  # the one routed teacher pass: clean retain rows, noise forget rows
-            target = teacher.encode(teacher_in, ids_keep)
+        ids_keep, ids_restore, mask = random_masking(imgs.shape[0], length, cfg.mask_ratio, device=d.device,
+                                                     noise=_rank_rows(gen, imgs.shape[0], length, d))
+        if cfg.method in ("ours", "random-encoder"):
+            with torch.no_grad():
+                if cfg.method == "ours":  # the one routed teacher pass: clean retain rows, noise forget rows
+                    retain_target = forget_target = teacher.encode(noise_images(imgs, is_forget, gen), ids_keep)
+                else:
+                    retain_target = teacher.encode(imgs, ids_keep)
+                    forget_target = torch.randn(retain_target.shape, generator=gen, device=d.device) \
+                        * retain_target.float().std() + retain_target.float().mean()
+            with _autocast(d.device):
+                latent = module(imgs, ids_keep)
+            out = unlearn_loss(latent, retain_target, forget_target, is_forget, forget_weight=alpha,
+                               normalize=cfg.normalize)
+            return {"loss": out.loss, "retain_loss": out.retain_loss, "forget_loss": out.forget_loss}
         with _autocast(d.device):
-            latent = encoder(imgs, ids_keep)
-        out = unlearn_loss(latent, target, target, is_forget, forget_weight=cfg.forget_weight,
-                           normalize=cfg.normalize)
-        return {"loss": out.loss, "retain_loss": out.retain_loss, "forget_loss": out.forget_loss}
+            pred = module(imgs, ids_keep, ids_restore)
+        if cfg.method == "max-loss":
+            retain, forget = _set_means(_masked_error(pred, student.target(imgs), mask), is_forget)
+            return {"loss": retain - alpha * forget, "retain_loss": retain, "forget_loss": forget}
+        if cfg.method == "noisy-label":
+            target = student.target(noise_images(imgs, is_forget, gen))
+        else:  # retain-label: forget rows take the original's output for a retain row of the batch
+            with torch.no_grad():
+                original_pred = teacher.forward_decoder(teacher.encode(imgs, ids_keep), ids_restore)
+            # Row i takes retain row i mod n_retain (retain rows first in a stable sort): no host sync.
+            order = torch.argsort(is_forget.to(torch.uint8), stable=True)
+            n_retain = (~is_forget).sum().clamp_min(1)
+            pick = order[torch.remainder(torch.arange(imgs.shape[0], device=d.device), n_retain)]
+            target = torch.where(is_forget[:, None, None], original_pred[pick], original_pred)
+        retain, forget = _set_means(_masked_error(pred, target, mask), is_forget)
+        return {"loss": retain + alpha * forget, "retain_loss": retain, "forget_loss": forget}
 
     config = {"model": name, "overrides": {}}
-    return run(cfg.loop, d, student, Encoder(student), steps_per_epoch, batches, loss_fn,
-               lambda: {"config": config, "method": "ours", "forget_classes": list(cfg.forget_classes)})
+    module = Reconstructor(student) if whole else Encoder(student)
+    return run(cfg.loop, d, student, module, steps_per_epoch, batches, loss_fn,
+               lambda: {"config": config, "method": cfg.method, "forget_classes": list(cfg.forget_classes)})
 
 
 @dataclass
