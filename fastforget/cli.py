@@ -1,4 +1,4 @@
-"""The `fastforget` command: `demo`, `unlearn`, `pretrain`, `eval`, `info` and `bench`."""
+"""The `fastforget` command: `demo`, `unlearn`, `pretrain`, `eval`, `sweep`, `info` and `bench`."""
 from __future__ import annotations
 
 import argparse
@@ -83,8 +83,13 @@ def main(argv=None) -> int:
     ev.add_argument("--ratio", type=float, default=0.5, help="side of the centre square, as a fraction")
     ev.add_argument("--features", default="digits", help="digits, encoder or inception:PATH")
     ev.add_argument("--out", default="eval-out")
+    sweep = sub.add_parser("sweep", help="ours over forget weights on the digits: the retain/forget trade-off curve")
+    sweep.add_argument("--forget-weights", default="0.05,0.1,0.2,0.5,1.0")
+    sweep.add_argument("--out", default="demo-out", help="shares the demo's pretrained model")
     demo = sub.add_parser("demo", help="pretrain, unlearn digits 0 and 1 two ways, evaluate (make demo)")
     demo.add_argument("--out", default="demo-out")
+    demo.add_argument("--baselines", action="store_true",
+                      help="also train the four baselines and evaluate all seven models with the paper's metrics")
     args = parser.parse_args(argv)
 
     if args.command in ("unlearn", "pretrain"):
@@ -116,10 +121,15 @@ def main(argv=None) -> int:
                              ("inpaint", "outpaint") if args.task == "both" else (args.task,), args.ratio,
                              args.features, args.out)
         return 0
+    if args.command == "sweep":
+        from .train.sweep import run as run_sweep
+
+        run_sweep(args.out, [float(a) for a in args.forget_weights.split(",") if a])
+        return 0
     if args.command == "demo":
         from .train.demo import DemoConfig, run as run_demo
 
-        run_demo(DemoConfig(out=args.out))
+        run_demo(DemoConfig(out=args.out, baselines=args.baselines))
         return 0
     if args.command == "info":
         from .info import report

@@ -135,3 +135,14 @@ def test_unknown_method_is_refused(original, tmp_path):
     with pytest.raises(ValueError, match="method must be one of"):
         unlearn(UnlearnConfig(checkpoint=original, forget_classes=("0",), method="forget-harder",
                               loop=LoopConfig(out=str(tmp_path))))
+
+
+def test_sweep_draws_the_tradeoff_at_toy_length(tmp_path):
+    from fastforget.train import sweep
+    from fastforget.train.demo import DemoConfig
+
+    cfg = DemoConfig(out=str(tmp_path), pretrain_epochs=0.2, unlearn_epochs=0.3, batch_size=64)
+    result = sweep.run(str(tmp_path), [0.1, 1.0], cfg)
+    assert [p["model"] for p in result["points"]] == ["original", "alpha=0.1", "alpha=1"]
+    assert result["points"][0]["forget_fid_ratio"] == 1.0
+    assert (tmp_path / "tradeoff.png").stat().st_size > 1000 and (tmp_path / "sweep.json").exists()

@@ -2,8 +2,12 @@
 
 Pretrains mae_vit_tiny on all ten digits (cached in DIR/original), unlearns the forget digits with
 the real retain digits ("ours") and with proxy digits instead ("ours_proxy"), then evaluates the
-three models on the test images: reconstruction MSE of the removed patches at mask ratio 0.75, in
+models on the test images: reconstruction MSE of the removed patches at mask ratio 0.75, in
 [0, 1] pixel space. Writes DIR/report.json and DIR/reconstructions.png.
+
+With baselines, the reference's four baselines train too (same data, steps and learning rate as
+ours), and all seven models are evaluated with the paper's metrics on inpainting and outpainting
+(fastforget eval, digits features): the CSVs, report.json's "tasks" and DIR/results.md.
 """
 from __future__ import annotations
 
@@ -21,6 +25,7 @@ from .loop import LoopConfig
 from .unlearn import PretrainConfig, UnlearnConfig, pretrain, unlearn
 
 FORGET, RETAIN, PROXY = ("0", "1"), ("2", "3", "4", "5"), ("6", "7", "8", "9")
+BASELINES = ("max-loss", "noisy-label", "retain-label", "random-encoder")
 
 
 @dataclass
@@ -33,6 +38,7 @@ class DemoConfig:
     batch_size: int = 128
     seed: int = 0
     mask_ratio: float = 0.75
+    baselines: bool = False
 
 
 @torch.no_grad()
@@ -54,18 +60,33 @@ def _kept_pixels(model, images: Tensor, mask: Tensor) -> Tensor:
     return model.unpatchify((1 - mask)[..., None].expand(-1, -1, model.patchify(images).shape[-1]))
 
 
+def ensure_original(cfg: DemoConfig) -> str:
+    """DIR/original/checkpoint.pt: mae_vit_tiny pretrained on all ten digits, made once and reused."""
+    path = os.path.join(cfg.out, "original", "checkpoint.pt")
+    if os.path.exists(path):
+        print(f"reusing the pretrained model in {path}")
+        return path
+    print(f"pretraining mae_vit_tiny on the digits ({cfg.pretrain_epochs:g} epochs)")
+    pretrain(PretrainConfig(device="cpu", loop=LoopConfig(
+        out=os.path.dirname(path), epochs=cfg.pretrain_epochs, batch_size=cfg.batch_size, blr=1.5e-3,
+        seed=cfg.seed, log_every=50)))
+    return path
+
+
+def test_sets() -> dict:
+    """The test images of the forget and retain digits."""
+    test = data_lib.load_digits("test", 16)
+    return {s: test.subset(torch.isin(test.labels, torch.tensor([int(c) for c in classes])).nonzero()[:, 0])
+            for s, classes in (("forget", FORGET), ("retain", RETAIN))}
+
+
 def run(cfg: DemoConfig) -> dict:
     t0 = time.perf_counter()
     os.makedirs(cfg.out, exist_ok=True)
-    original_ckpt = os.path.join(cfg.out, "original", "checkpoint.pt")
-    if not os.path.exists(original_ckpt):
-        print(f"pretraining mae_vit_tiny on the digits ({cfg.pretrain_epochs:g} epochs)")
-        pretrain(PretrainConfig(device="cpu", loop=LoopConfig(
-            out=os.path.dirname(original_ckpt), epochs=cfg.pretrain_epochs, batch_size=cfg.batch_size, blr=1.5e-3,
-            seed=cfg.seed, log_every=50)))
-    else:
-        print(f"reusing the pretrained model in {original_ckpt}")
+    original_ckpt = ensure_original(cfg)
     runs = {"ours": dict(retain_classes=RETAIN), "ours_proxy": dict(proxy_classes=PROXY)}
+    if cfg.baselines:
+        runs.update({m: dict(retain_classes=RETAIN, method=m) for m in BASELINES})
     for name, classes in runs.items():
         print(f"unlearning digits {', '.join(FORGET)} ({name}, {cfg.unlearn_epochs:g} epochs)")
         unlearn(UnlearnConfig(checkpoint=original_ckpt, forget_classes=FORGET, device="cpu", **classes,
@@ -73,9 +94,7 @@ def run(cfg: DemoConfig) -> dict:
                                               batch_size=cfg.batch_size, blr=cfg.unlearn_blr, seed=cfg.seed,
                                               log_every=50)))
 
-    test = data_lib.load_digits("test", 16)
-    sets = {"forget": test.subset(torch.isin(test.labels, torch.tensor([0, 1])).nonzero()[:, 0]),
-            "retain": test.subset(torch.isin(test.labels, torch.tensor([2, 3, 4, 5])).nonzero()[:, 0])}
+    sets = test_sets()
     models = {"original": load_mae(original_ckpt)}
     models.update({name: load_mae(os.path.join(cfg.out, name, "checkpoint.pt")) for name in runs})
     report = {"forget_classes": list(FORGET), "retain_classes": list(RETAIN), "proxy_classes": list(PROXY),
@@ -84,11 +103,17 @@ def run(cfg: DemoConfig) -> dict:
         model.eval()
         report["models"][name] = {
             split: {"mse": removed_patch_mse(model, s.images, cfg.mask_ratio, cfg.seed + 1)} for split, s in sets.items()}
+    _save_grid(models, sets, cfg)
+    print(format_report(report))
+    if cfg.baselines:
+        from ..eval.features import extractor
+        from ..eval.run import evaluate, markdown
+
+        report["tasks"] = evaluate(models, sets, extractor("digits"), ("inpaint", "outpaint"), 0.5, cfg.out)
+        print(markdown(report["tasks"]))
     report["seconds"] = round(time.perf_counter() - t0, 1)
     with open(os.path.join(cfg.out, "report.json"), "w") as f:
         json.dump(report, f, indent=2)
-    _save_grid(models, sets, cfg)
-    print(format_report(report))
     return report
 
 
