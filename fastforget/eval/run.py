@@ -9,7 +9,6 @@ import os
 from typing import Optional
 
 import torch
-from torch import Tensor
 
 from . import metrics
 from .features import Extractor, embed_all

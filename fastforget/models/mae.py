@@ -8,7 +8,6 @@ exactly into the patch-embedding weights; only the kept patches are embedded
 """
 from __future__ import annotations
 
-import math
 from functools import partial
 from typing import Optional, Sequence
 
