@@ -1,8 +1,8 @@
 """The teacher batch in Triton: retain rows copied, forget rows replaced by noise, then clamped.
 
 Shapes: images and out (rows, row_numel) contiguous; is_forget (rows,) uint8; stream two int64 on
-the device: the Philox seed and the flat index of the first element. The noise is fastforget's Philox stream (csrc/common/philox.h), so it equals the
-CPU and CUDA backends' draw for draw.
+the device: the Philox seed and the flat index of the first element. The noise is fastforget's
+Philox stream (csrc/common/philox.h), so it equals the CPU and CUDA backends' draw for draw.
 """
 import torch
 import triton

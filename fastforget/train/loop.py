@@ -133,7 +133,8 @@ def run(cfg: LoopConfig, d: Dist, model: nn.Module, trainable: nn.Module, steps_
         start = int(state["step"])
     wrapped = trainable
     if d.world > 1:
-        wrapped = nn.parallel.DistributedDataParallel(trainable, device_ids=[d.device.index] if d.device.type == "cuda" else None)
+        device_ids = [d.device.index] if d.device.type == "cuda" else None
+        wrapped = nn.parallel.DistributedDataParallel(trainable, device_ids=device_ids)
     params = [p for p in trainable.parameters() if p.requires_grad]
 
     bar = _progress(total, start) if (d.main and cfg.progress) else None
