@@ -123,8 +123,9 @@ def run(cfg: LoopConfig, d: Dist, model: nn.Module, trainable: nn.Module, steps_
     global_batch = cfg.batch_size * cfg.accum_steps * d.world
     base_lr = cfg.blr * global_batch / 256
     warmup = int(cfg.warmup_fraction * total)
+    # Fused AdamW: one kernel for all parameters (CPU and CUDA), not a loop of small ones.
     optimizer = torch.optim.AdamW(param_groups(trainable.named_parameters(), cfg.weight_decay), lr=base_lr,
-                                  betas=(0.9, 0.95))
+                                  betas=(0.9, 0.95), fused=True)
     start = 0
     if cfg.resume and os.path.exists(ckpt_path):
         state = load_checkpoint(ckpt_path)
