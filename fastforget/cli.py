@@ -85,6 +85,7 @@ def main(argv=None) -> int:
     ev.add_argument("--out", default="eval-out")
     sweep = sub.add_parser("sweep", help="ours over forget weights on the digits: the retain/forget trade-off curve")
     sweep.add_argument("--forget-weights", default="0.05,0.1,0.2,0.5,1.0")
+    sweep.add_argument("--task", default="inpaint", choices=["inpaint", "outpaint"])
     sweep.add_argument("--out", default="demo-out", help="shares the demo's pretrained model")
     demo = sub.add_parser("demo", help="pretrain, unlearn digits 0 and 1 two ways, evaluate (make demo)")
     demo.add_argument("--out", default="demo-out")
@@ -124,7 +125,7 @@ def main(argv=None) -> int:
     if args.command == "sweep":
         from .train.sweep import run as run_sweep
 
-        run_sweep(args.out, [float(a) for a in args.forget_weights.split(",") if a])
+        run_sweep(args.out, [float(a) for a in args.forget_weights.split(",") if a], task=args.task)
         return 0
     if args.command == "demo":
         from .train.demo import DemoConfig, run as run_demo

@@ -145,7 +145,7 @@ def test_sweep_draws_the_tradeoff_at_toy_length(tmp_path):
     result = sweep.run(str(tmp_path), [0.1, 1.0], cfg)
     assert [p["model"] for p in result["points"]] == ["original", "alpha=0.1", "alpha=1"]
     assert result["points"][0]["forget_fid_ratio"] == 1.0
-    assert (tmp_path / "tradeoff.png").stat().st_size > 1000 and (tmp_path / "sweep.json").exists()
+    assert (tmp_path / "tradeoff_inpaint.png").stat().st_size > 1000 and (tmp_path / "sweep_inpaint.json").exists()
 
 
 @pytest.mark.gpu

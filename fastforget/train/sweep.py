@@ -1,9 +1,9 @@
 """`fastforget sweep`: the paper's ablation over the forget weight alpha, as a curve.
 
-Runs ours on the demo's digits once per alpha (sharing the demo's pretrained model), evaluates
-inpainting with the digits features, and draws tradeoff.png: retain quality (accuracy of the
-retain digits' completions) against forget removal (forget FID over the original's), one point
-per alpha.
+Runs ours on the demo's digits once per alpha (sharing the demo's pretrained model; a finished
+run is reused), evaluates one task with the digits features, and draws tradeoff_{task}.png:
+retain quality (accuracy of the retain digits' completions) against forget removal (forget FID
+over the original's), one point per alpha.
 """
 from __future__ import annotations
 
@@ -18,34 +18,38 @@ from .loop import LoopConfig
 from .unlearn import UnlearnConfig, unlearn
 
 
-def run(out: str, forget_weights, cfg: DemoConfig = None) -> dict:
+def run(out: str, forget_weights, cfg: DemoConfig = None, task: str = "inpaint") -> dict:
     cfg = cfg or DemoConfig(out=out)
     original = ensure_original(cfg)
     models = {"original": load_mae(original)}
     for alpha in forget_weights:
         name = f"alpha={alpha:g}"
         path = os.path.join(out, f"ours_alpha{alpha:g}")
+        if os.path.exists(os.path.join(path, "checkpoint.pt")):
+            print(f"reusing {path}")
+            models[name] = load_mae(os.path.join(path, "checkpoint.pt"))
+            continue
         print(f"unlearning with forget weight {alpha:g}")
         unlearn(UnlearnConfig(checkpoint=original, forget_classes=FORGET, retain_classes=RETAIN, forget_weight=alpha,
                               device="cpu", loop=LoopConfig(out=path, epochs=cfg.unlearn_epochs,
                                                             batch_size=cfg.batch_size, blr=cfg.unlearn_blr,
                                                             seed=cfg.seed, log_every=50)))
         models[name] = load_mae(os.path.join(path, "checkpoint.pt"))
-    report = evaluate(models, test_sets(), extractor("digits"), ("inpaint",), 0.5)["inpaint"]
+    report = evaluate(models, test_sets(), extractor("digits"), (task,), 0.5)[task]
     base = report["original"]
     points = [{"model": name, "forget_fid_ratio": r["forget"]["fid"] / base["forget"]["fid"],
                "retain_accuracy": r["retain"]["accuracy"], "forget_accuracy": r["forget"]["accuracy"],
                "retain_fid_ratio": r["retain"]["fid"] / base["retain"]["fid"]} for name, r in report.items()]
-    with open(os.path.join(out, "sweep.json"), "w") as f:
-        json.dump({"points": points, "report": report}, f, indent=2)
-    draw(points, os.path.join(out, "tradeoff.png"))
+    with open(os.path.join(out, f"sweep_{task}.json"), "w") as f:
+        json.dump({"task": task, "points": points, "report": report}, f, indent=2)
+    draw(points, task, os.path.join(out, f"tradeoff_{task}.png"))
     for p in points:
         print(f"{p['model']:<12} forget FID x{p['forget_fid_ratio']:.2f}  retain accuracy {p['retain_accuracy']:.3f}"
               f"  forget accuracy {p['forget_accuracy']:.3f}")
     return {"points": points}
 
 
-def draw(points, path: str, size=(520, 380), margin=56) -> None:
+def draw(points, task: str, path: str, size=(520, 380), margin=56) -> None:
     """A scatter-and-line plot with PIL: x forget FID ratio, y retain accuracy, labelled points."""
     from PIL import Image, ImageDraw
 
@@ -67,7 +71,7 @@ def draw(points, path: str, size=(520, 380), margin=56) -> None:
         g.text((at(x, y_lo)[0] - 10, size[1] - margin + 6), f"{x:.2f}", fill=(0, 0, 0))
         g.text((8, at(x_lo, y)[1] - 6), f"{y:.2f}", fill=(0, 0, 0))
     g.text((margin + w // 2 - 90, size[1] - 22), "forget removal: forget FID / original's", fill=(0, 0, 0))
-    g.text((margin, 18), "retain quality: accuracy on retain completions (inpaint)", fill=(0, 0, 0))
+    g.text((margin, 18), f"retain quality: accuracy on retain completions ({task})", fill=(0, 0, 0))
     line = [at(p["forget_fid_ratio"], p["retain_accuracy"]) for p in points if p["model"] != "original"]
     if len(line) > 1:
         g.line(line, fill=(40, 90, 220), width=2)
