@@ -66,8 +66,8 @@ def ensure_original(cfg: DemoConfig) -> str:
     if os.path.exists(path):
         print(f"reusing the pretrained model in {path}")
         return path
-    print(f"pretraining mae_vit_tiny on the digits ({cfg.pretrain_epochs:g} epochs)")
-    pretrain(PretrainConfig(device="cpu", loop=LoopConfig(
+    print(f"pretraining mae_vit_tiny on the digits ({cfg.pretrain_epochs:g} epochs, random and task-shaped masks)")
+    pretrain(PretrainConfig(device="cpu", task_masks=True, loop=LoopConfig(
         out=os.path.dirname(path), epochs=cfg.pretrain_epochs, batch_size=cfg.batch_size, blr=1.5e-3,
         seed=cfg.seed, log_every=50)))
     return path

@@ -217,17 +217,41 @@ class PretrainConfig:
     model: str = "mae_vit_tiny"
     data: str = "digits"
     mask_ratio: float = 0.75
+    # Every other step's masks are task-shaped instead of random: a square hole (inpainting) or a
+    # square window (outpainting), half the grid's side, at random places. An MAE trained only on
+    # random masks cannot fill large holes, and one cannot unlearn what a model never does.
+    task_masks: bool = False
     device: Optional[str] = None
     loop: LoopConfig = field(default_factory=lambda: LoopConfig(out="pretrained", blr=1.5e-4))
 
 
 class _Pretrain(nn.Module):
-    def __init__(self, mae: nn.Module, mask_ratio: float):
+    def __init__(self, mae: nn.Module):
         super().__init__()
-        self.mae, self.mask_ratio = mae, mask_ratio
+        self.mae = mae
 
-    def forward(self, imgs: Tensor, noise: Tensor) -> Tensor:
-        return self.mae(imgs, self.mask_ratio, noise)[0]
+    def forward(self, imgs: Tensor, noise: Tensor, mask_ratio: float) -> Tensor:
+        return self.mae(imgs, mask_ratio, noise)[0]
+
+
+RANDOM, HOLE, WINDOW = "random", "hole", "window"  # pretraining's mask families
+
+
+def _square_noise(gen: torch.Generator, batch: int, grid: tuple[int, int], d: Dist, hole: bool) -> tuple[Tensor, float]:
+    """This rank's rows of mask noise removing a random square (hole) or all but one (window), and
+    the mask ratio that keeps exactly the rest; drawn for the global batch like _rank_rows."""
+    grid_h, grid_w = grid
+    side_h, side_w = grid_h // 2, grid_w // 2
+    rows = d.world * batch
+    top = torch.randint(0, grid_h - side_h + 1, (rows, 1, 1), generator=gen, device=d.device)
+    left = torch.randint(0, grid_w - side_w + 1, (rows, 1, 1), generator=gen, device=d.device)
+    r = torch.arange(grid_h, device=d.device)[None, :, None]
+    c = torch.arange(grid_w, device=d.device)[None, None, :]
+    inside = ((r >= top) & (r < top + side_h) & (c >= left) & (c < left + side_w)).reshape(rows, -1)
+    removed = inside if hole else ~inside
+    noise = torch.rand(removed.shape, generator=gen, device=d.device) * 0.5 + removed.float()
+    area = side_h * side_w / (grid_h * grid_w)
+    return noise[d.rank * batch:(d.rank + 1) * batch], (area if hole else 1.0 - area)
 
 
 def pretrain(cfg: PretrainConfig) -> dict:
@@ -241,13 +265,21 @@ def pretrain(cfg: PretrainConfig) -> dict:
     def epoch_order(epoch: int):
         return torch.randperm(len(dataset), generator=torch.Generator().manual_seed(cfg.loop.seed * 7919 + epoch)), None
 
-    batches = _rank_batches(_stage(dataset.images, d), cfg.loop, d, steps_per_epoch, epoch_order)
+    images = _rank_batches(_stage(dataset.images, d), cfg.loop, d, steps_per_epoch, epoch_order)
+
+    families = (RANDOM, RANDOM, RANDOM, HOLE) if cfg.task_masks else (RANDOM,)
+
+    def batches(step: int, micro: int):  # + the step's mask family
+        return images(step, micro) + (families[step % len(families)],)
 
     def loss_fn(batch, gen, module):
-        imgs, = batch
-        noise = _rank_rows(gen, imgs.shape[0], model.num_patches, d)
+        imgs, family = batch
+        if family == RANDOM:
+            noise, ratio = _rank_rows(gen, imgs.shape[0], model.num_patches, d), cfg.mask_ratio
+        else:
+            noise, ratio = _square_noise(gen, imgs.shape[0], model.patch_embed.grid_size, d, hole=family == HOLE)
         with _autocast(d.device):
-            return {"loss": module(imgs, noise)}
+            return {"loss": module(imgs, noise, ratio)}
 
-    return run(cfg.loop, d, model, _Pretrain(model, cfg.mask_ratio), steps_per_epoch, batches, loss_fn,
+    return run(cfg.loop, d, model, _Pretrain(model), steps_per_epoch, batches, loss_fn,
                lambda: {"config": {"model": cfg.model, "overrides": {}}})
