@@ -159,3 +159,20 @@ def test_unlearning_runs_on_the_gpu(original, tmp_path, method):
     assert all(torch.isfinite(torch.tensor(v)) for k, v in metrics.items() if "loss" in k)
     assert load_mae(str(tmp_path / "checkpoint.pt")).encode(
         torch.rand(2, 1, 16, 16), torch.arange(16).expand(2, -1)).shape == (2, 17, 64)
+
+
+def test_task_shaped_pretraining_masks():
+    from fastforget.ops import random_masking
+    from fastforget.train.loop import Dist
+    from fastforget.train.unlearn import _square_noise
+
+    gen = torch.Generator().manual_seed(0)
+    for hole, kept in ((True, 48), (False, 16)):
+        noise, ratio = _square_noise(gen, 5, (8, 8), Dist(), hole=hole)
+        ids_keep, _, mask = random_masking(5, 64, ratio, noise=noise)
+        assert ids_keep.shape == (5, kept)
+        grids = mask.view(5, 8, 8)
+        for g in grids:  # the removed (hole) or kept (window) patches form one 4 x 4 square
+            square = g if hole else 1 - g
+            rows, cols = square.nonzero().unbind(1)
+            assert square.sum() == 16 and rows.max() - rows.min() == 3 and cols.max() - cols.min() == 3
