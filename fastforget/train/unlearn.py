@@ -108,14 +108,22 @@ def _autocast(device: torch.device):
 
 
 def _rank_batches(images: Tensor, cfg: LoopConfig, d: Dist, steps_per_epoch: int, epoch_order):
-    """batches(step, micro) over a per-epoch order; each rank takes its slice of the global batch."""
+    """batches(step, micro) over a per-epoch order; each rank takes its slice of the global batch.
+
+    epoch_order(epoch) -> (order, is_forget or None) on the CPU; it moves to the data's device
+    once per epoch, so a step's batch is indexing there, with no host-to-device copy."""
+    cache: dict = {}
+
     def batches(step: int, micro: int):
         epoch, within = divmod(step, steps_per_epoch)
-        order, is_forget = epoch_order(epoch)
+        if epoch not in cache:
+            cache.clear()
+            order, is_forget = epoch_order(epoch)
+            cache[epoch] = (order.to(images.device), None if is_forget is None else is_forget.to(d.device))
+        order, is_forget = cache[epoch]
         start = ((within * cfg.accum_steps + micro) * d.world + d.rank) * cfg.batch_size
-        take = order[start:start + cfg.batch_size].to(images.device)
-        out = (images[take].to(d.device, non_blocking=True),)
-        return out + ((is_forget[start:start + cfg.batch_size].to(d.device),) if is_forget is not None else ())
+        out = (images[order[start:start + cfg.batch_size]].to(d.device, non_blocking=True),)
+        return out + ((is_forget[start:start + cfg.batch_size],) if is_forget is not None else ())
     return batches
 
 
@@ -154,15 +162,8 @@ def unlearn(cfg: UnlearnConfig) -> dict:
 
     n = 2 * max(len(sets.forget), len(sets.retain))
     steps_per_epoch = max(n // (cfg.loop.batch_size * cfg.loop.accum_steps * d.world), 1)
-    orders: dict[int, tuple[Tensor, Tensor]] = {}
-
-    def epoch_order(epoch: int):
-        if epoch not in orders:
-            orders.clear()
-            orders[epoch] = data_lib.stream(sets, epoch, cfg.loop.seed)
-        return orders[epoch]
-
-    batches = _rank_batches(images, cfg.loop, d, steps_per_epoch, epoch_order)
+    batches = _rank_batches(images, cfg.loop, d, steps_per_epoch,
+                            lambda epoch: data_lib.stream(sets, epoch, cfg.loop.seed))
     length = student.num_patches
 
     alpha = cfg.forget_weight
