@@ -71,15 +71,11 @@ def cuda_home() -> str | None:
 
 def _cuda_include_dirs() -> list[str]:
     """Headers of the pip-installed CUDA libraries (nvidia/*/include), which a bare toolkit may lack."""
-    dirs = []
-    for spec in ("nvidia",):
-        try:
-            mod = importlib.import_module(spec)
-        except ImportError:
-            continue
-        for root in getattr(mod, "__path__", []):
-            dirs += sorted(glob.glob(os.path.join(root, "*", "include")))
-            dirs += sorted(glob.glob(os.path.join(root, "cu*", "include")))
+    try:
+        nvidia = importlib.import_module("nvidia")
+    except ImportError:
+        return []
+    dirs = [d for root in getattr(nvidia, "__path__", []) for d in sorted(glob.glob(os.path.join(root, "*", "include")))]
     return [d for d in dict.fromkeys(dirs) if os.path.isdir(d)]
 
 

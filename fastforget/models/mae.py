@@ -243,7 +243,9 @@ def create_mae(name: str, **overrides) -> MaskedAutoencoderViT:
     """A model of a named config (CONFIGS), with any constructor argument overridden."""
     if name not in CONFIGS:
         raise ValueError(f"unknown model {name!r}; expected one of {sorted(CONFIGS)}")
-    return MaskedAutoencoderViT(**{**CONFIGS[name], **overrides})
+    model = MaskedAutoencoderViT(**{**CONFIGS[name], **overrides})
+    model.config_name = name  # what checkpoints record, so load_mae can rebuild the model
+    return model
 
 
 def load_mae(path: str, name: Optional[str] = None, **overrides) -> MaskedAutoencoderViT:

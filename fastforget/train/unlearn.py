@@ -140,7 +140,7 @@ def unlearn(cfg: UnlearnConfig) -> dict:
     d = setup_distributed(cfg.device)
     torch.manual_seed(cfg.loop.seed)
     original = load_mae(cfg.checkpoint, cfg.model)
-    name = cfg.model or torch.load(cfg.checkpoint, map_location="cpu", weights_only=True).get("config", {}).get("model")
+    name = original.config_name
     size = original.patch_embed.img_size[0]
     dataset = data_lib.load(cfg.data, size)
     proxy_data = data_lib.load(cfg.proxy_data, size) if cfg.proxy_data else None
