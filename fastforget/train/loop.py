@@ -77,6 +77,20 @@ def param_groups(named_params, weight_decay: float):
     return [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": weight_decay}]
 
 
+def make_optimizer(trainable: nn.Module, weight_decay: float, lr: float) -> torch.optim.Optimizer:
+    """AdamW with MAE's betas and groups, fused: one kernel for all parameters, not a loop of small ones."""
+    return torch.optim.AdamW(param_groups(trainable.named_parameters(), weight_decay), lr=lr, betas=(0.9, 0.95),
+                             fused=True)
+
+
+def optimizer_step(optimizer: torch.optim.Optimizer, params: list[Tensor], clip_grad: Optional[float]) -> Tensor:
+    """Clip (the norm is returned either way, on the device), step, clear the gradients."""
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, clip_grad if clip_grad else float("inf"))
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm
+
+
 def learning_rate(step: int, total: int, base: float, min_lr: float, warmup: int) -> float:
     """Linear warmup, then a half-cycle cosine down to min_lr (MAE's schedule, per step)."""
     if step < warmup:
@@ -123,9 +137,7 @@ def run(cfg: LoopConfig, d: Dist, model: nn.Module, trainable: nn.Module, steps_
     global_batch = cfg.batch_size * cfg.accum_steps * d.world
     base_lr = cfg.blr * global_batch / 256
     warmup = int(cfg.warmup_fraction * total)
-    # Fused AdamW: one kernel for all parameters (CPU and CUDA), not a loop of small ones.
-    optimizer = torch.optim.AdamW(param_groups(trainable.named_parameters(), cfg.weight_decay), lr=base_lr,
-                                  betas=(0.9, 0.95), fused=True)
+    optimizer = make_optimizer(trainable, cfg.weight_decay, base_lr)
     start = 0
     if cfg.resume and os.path.exists(ckpt_path):
         state = load_checkpoint(ckpt_path)
@@ -158,9 +170,7 @@ def run(cfg: LoopConfig, d: Dist, model: nn.Module, trainable: nn.Module, steps_
             for k, v in out.items():  # accumulate on the device: no host sync per step
                 sums[k] = sums.get(k, 0) + v.detach().float()
             counted += 1
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad if cfg.clip_grad else float("inf"))
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        grad_norm = optimizer_step(optimizer, params, cfg.clip_grad)
         done = step + 1
         if done % cfg.log_every == 0 or done == total:
             values = {k: float(v) / counted for k, v in sums.items()}

@@ -22,7 +22,7 @@ from __future__ import annotations
 import copy
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -133,22 +133,10 @@ def _rank_rows(gen: torch.Generator, batch: int, length: int, d: Dist) -> Tensor
     return noise[d.rank * batch:(d.rank + 1) * batch]
 
 
-def unlearn(cfg: UnlearnConfig) -> dict:
-    """Makes the checkpoint's model forget cfg.forget_classes; writes cfg.loop.out/checkpoint.pt."""
-    if cfg.method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {cfg.method!r}")
-    d = setup_distributed(cfg.device)
-    torch.manual_seed(cfg.loop.seed)
-    original = load_mae(cfg.checkpoint, cfg.model)
-    name = original.config_name
-    size = original.patch_embed.img_size[0]
-    dataset = data_lib.load(cfg.data, size)
-    proxy_data = data_lib.load(cfg.proxy_data, size) if cfg.proxy_data else None
-    sets = data_lib.select(dataset, cfg.forget_classes, cfg.retain_classes, cfg.proxy_classes, proxy_data,
-                           cfg.retain_ratio, cfg.proxy_ratio, seed=cfg.loop.seed)
-    images = _stage(torch.cat([sets.forget.images, sets.retain.images]), d)
-
-    student = original.to(d.device)
+def unlearning_step(cfg: UnlearnConfig, student: nn.Module, d: Dist) -> tuple[nn.Module, Callable]:
+    """The trainer's step for cfg.method: marks what trains in student (on d.device), makes the
+    frozen teacher, and returns (the module to train and wrap for DDP, loss_fn(batch, generator,
+    module) -> {"loss", "retain_loss", "forget_loss"}) with batch = (images, is_forget)."""
     whole = cfg.method in WHOLE_MODEL
     for p in student.parameters():
         p.requires_grad_(whole)
@@ -159,14 +147,7 @@ def unlearn(cfg: UnlearnConfig) -> dict:
     teacher = copy.deepcopy(student).eval().requires_grad_(False)
     if d.device.type == "cuda":
         teacher = teacher.to(torch.bfloat16)
-
-    n = 2 * max(len(sets.forget), len(sets.retain))
-    steps_per_epoch = max(n // (cfg.loop.batch_size * cfg.loop.accum_steps * d.world), 1)
-    batches = _rank_batches(images, cfg.loop, d, steps_per_epoch,
-                            lambda epoch: data_lib.stream(sets, epoch, cfg.loop.seed))
-    length = student.num_patches
-
-    alpha = cfg.forget_weight
+    length, alpha = student.num_patches, cfg.forget_weight
 
     def noise_images(imgs, is_forget, gen):
         return make_teacher_batch(imgs, is_forget, noise=cfg.noise, clamp=(0.0, 1.0), generator=gen,
@@ -207,8 +188,31 @@ def unlearn(cfg: UnlearnConfig) -> dict:
         retain, forget = _set_means(_masked_error(pred, target, mask), is_forget)
         return {"loss": retain + alpha * forget, "retain_loss": retain, "forget_loss": forget}
 
+    return (Reconstructor(student) if whole else Encoder(student)), loss_fn
+
+
+def unlearn(cfg: UnlearnConfig) -> dict:
+    """Makes the checkpoint's model forget cfg.forget_classes; writes cfg.loop.out/checkpoint.pt."""
+    if cfg.method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {cfg.method!r}")
+    d = setup_distributed(cfg.device)
+    torch.manual_seed(cfg.loop.seed)
+    original = load_mae(cfg.checkpoint, cfg.model)
+    name = original.config_name
+    size = original.patch_embed.img_size[0]
+    dataset = data_lib.load(cfg.data, size)
+    proxy_data = data_lib.load(cfg.proxy_data, size) if cfg.proxy_data else None
+    sets = data_lib.select(dataset, cfg.forget_classes, cfg.retain_classes, cfg.proxy_classes, proxy_data,
+                           cfg.retain_ratio, cfg.proxy_ratio, seed=cfg.loop.seed)
+    images = _stage(torch.cat([sets.forget.images, sets.retain.images]), d)
+
+    n = 2 * max(len(sets.forget), len(sets.retain))
+    steps_per_epoch = max(n // (cfg.loop.batch_size * cfg.loop.accum_steps * d.world), 1)
+    batches = _rank_batches(images, cfg.loop, d, steps_per_epoch,
+                            lambda epoch: data_lib.stream(sets, epoch, cfg.loop.seed))
+    student = original.to(d.device)
+    module, loss_fn = unlearning_step(cfg, student, d)
     config = {"model": name, "overrides": {}}
-    module = Reconstructor(student) if whole else Encoder(student)
     return run(cfg.loop, d, student, module, steps_per_epoch, batches, loss_fn,
                lambda: {"config": config, "method": cfg.method, "forget_classes": list(cfg.forget_classes)})
 
