@@ -24,13 +24,14 @@ test: $(VENV)/.ready
 test-gpu: $(VENV)/.ready
 	$(PY) -m pytest -q -ra -m gpu
 
+# Every op against its roofline, then the whole step against the reference loop (CSV and PNG in bench-out/).
 bench: $(VENV)/.ready
-	$(VENV)/bin/fastforget bench loss
-	$(VENV)/bin/fastforget bench patch
-	$(VENV)/bin/fastforget bench teacher
+	mkdir -p bench-out
+	$(VENV)/bin/fastforget bench ops --csv bench-out/ops.csv
+	$(VENV)/bin/fastforget bench step --compile --csv bench-out/step.csv
 
 info: $(VENV)/.ready
 	$(VENV)/bin/fastforget info
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache
+	rm -rf $(VENV) build bench-out *.egg-info .pytest_cache

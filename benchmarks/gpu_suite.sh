@@ -25,28 +25,23 @@ timeout 240 $PY -m pytest -q -ra -m gpu tests/ >"$OUT/tests.log" 2>&1
 tests_rc=$?
 tail -3 "$OUT/tests.log"
 
-step "benchmarks"
-csv="$OUT/bench.csv"
-rm -f "$csv"
-while read -r op args; do
-  timeout 120 $PY -m fastforget.cli bench $op $args --device cuda --csv "$csv" 2>&1 | tee -a "$OUT/bench.log"
-done <<'LIST'
-loss --shape 256 50 1024 --dtype bfloat16
-loss --shape 256 50 1024 --dtype float32
-loss --shape 4096 256 1024 --dtype bfloat16
-patch --batch-size 256 --dim 1024 --dtype bfloat16
-patch --batch-size 256 --dim 1024 --dtype float32
-teacher --batch-size 256 --dtype float32
-teacher --batch-size 1024 --dtype float32
-LIST
+step "bench ops (every op, MAE/MAGE shapes, against the roofline)"
+timeout 270 $PY -m fastforget.cli bench ops --device cuda --csv "$OUT/ops.csv" >"$OUT/ops.log" 2>&1
+ops_rc=$?
+step "bench step (mae_vit_large_patch16, 224px, mask 0.75, batch 128)"
+timeout 150 $PY -m fastforget.cli bench step --model mae_vit_large_patch16 --batch-size 128 --device cuda \
+  --min-time 1 --csv "$OUT/step.csv" >"$OUT/step.log" 2>&1
+step_rc=$?
 
 {
   echo "# fastforget GPU suite"
   echo "date: $(date -u +%F) · commit: $commit · $(head -2 "$OUT/gpu.txt" | tail -1)"
-  echo "build: rc=$build_rc · gpu tests: rc=$tests_rc, $(tail -1 "$OUT/tests.log")"
+  echo "build: rc=$build_rc · gpu tests: rc=$tests_rc, $(tail -1 "$OUT/tests.log") · ops rc=$ops_rc · step rc=$step_rc"
   echo
   echo '```'
-  grep -v "^W1" "$OUT/bench.log"
+  grep -v "^W1" "$OUT/step.log"
+  echo
+  grep -v "^W1" "$OUT/ops.log"
   echo '```'
 } >"$OUT/results.md"
 cat "$OUT/results.md"

@@ -34,6 +34,23 @@ def main(argv=None) -> int:
     teacher.add_argument("--image-size", type=int, default=224)
     _common(teacher)
 
+    sweep_ops = ops.add_parser("ops", help="every op over MAE/MAGE shapes and providers, against the roofline")
+    sweep_ops.add_argument("--size", default=None, choices=["small", "large"],
+                           help="shape set (default: large on CUDA, small on the CPU)")
+    sweep_ops.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
+    sweep_ops.add_argument("--reps", type=int, default=10, help="timed repetitions at least")
+    sweep_ops.add_argument("--csv", default=None, help="append one row per provider (and draw a PNG beside it)")
+    step = ops.add_parser("step", help="one whole unlearning step: reference loop, plain PyTorch, fastforget")
+    step.add_argument("--model", default="mae_vit_tiny", help="a config name of fastforget.models")
+    step.add_argument("--batch-size", type=int, default=128)
+    step.add_argument("--mask-ratio", type=float, default=0.75)
+    step.add_argument("--providers", default="reference,pytorch,fastforget")
+    step.add_argument("--compile", action="store_true", help="also time each provider under torch.compile")
+    step.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
+    step.add_argument("--reps", type=int, default=10, help="timed steps at least")
+    step.add_argument("--min-time", type=float, default=3.0, help="seconds of timed steps per provider at least")
+    step.add_argument("--csv", default=None, help="append one row per provider to this CSV (and draw a PNG beside it)")
+
     def loop_args(p, out_default, epochs, blr):
         p.add_argument("--out", default=out_default, help="output directory (checkpoint.pt, metrics.jsonl)")
         p.add_argument("--epochs", type=float, default=epochs)
@@ -48,6 +65,7 @@ def main(argv=None) -> int:
         p.add_argument("--save-every", type=int, default=0, help="steps between checkpoints (0: at the end)")
         p.add_argument("--stop-after", type=int, default=None, help="stop after this many steps (checkpointed)")
         p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+        p.add_argument("--compile", action="store_true", help="run the step's forward under torch.compile")
         p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
 
     unlearn = sub.add_parser("unlearn", help="make a pretrained MAE forget classes (Li et al., ICLR 2024)")
@@ -99,7 +117,8 @@ def main(argv=None) -> int:
         loop = LoopConfig(out=args.out, epochs=args.epochs, batch_size=args.batch_size, accum_steps=args.accum_steps,
                           blr=args.blr, weight_decay=args.weight_decay, warmup_fraction=args.warmup_fraction,
                           clip_grad=args.clip_grad or None, seed=args.seed, log_every=args.log_every,
-                          save_every=args.save_every, stop_after=args.stop_after, resume=args.resume)
+                          save_every=args.save_every, stop_after=args.stop_after, resume=args.resume,
+                          compile=args.compile)
         if args.command == "pretrain":
             print(run_pretrain(PretrainConfig(model=args.model, data=args.data, mask_ratio=args.mask_ratio,
                                               device=args.device, loop=loop)))
@@ -137,9 +156,11 @@ def main(argv=None) -> int:
 
         print(report())
         return 0
-    from .bench import loss as bench_loss, patch as bench_patch, teacher as bench_teacher
+    from .bench import loss as bench_loss, ops as bench_ops, patch as bench_patch, step as bench_step
+    from .bench import teacher as bench_teacher
 
-    return {"loss": bench_loss, "patch": bench_patch, "teacher": bench_teacher}[args.op].main(args)
+    return {"loss": bench_loss, "patch": bench_patch, "teacher": bench_teacher, "step": bench_step,
+            "ops": bench_ops}[args.op].main(args)
 
 
 if __name__ == "__main__":

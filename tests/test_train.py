@@ -75,6 +75,18 @@ def test_resume_repeats_the_uninterrupted_run_bitwise(original, tmp_path):
         assert torch.equal(value, parts["model"][name]), name
 
 
+def test_compiled_step_trains_as_the_eager_one(original, tmp_path):
+    """--compile: the same run under torch.compile ends where the eager run does, to float rounding."""
+    eager = _unlearn(original, tmp_path / "eager")
+    compiled = _unlearn(original, tmp_path / "compiled", compile=True)
+    assert compiled["step"] == eager["step"]
+    torch.testing.assert_close(compiled["loss"], eager["loss"], rtol=1e-4, atol=1e-6)
+    a = load_checkpoint(str(tmp_path / "eager" / "checkpoint.pt"))["model"]
+    b = load_checkpoint(str(tmp_path / "compiled" / "checkpoint.pt"))["model"]
+    for name, value in a.items():
+        torch.testing.assert_close(b[name], value, rtol=1e-4, atol=1e-5, msg=name)
+
+
 def test_two_ranks_compute_what_one_does(original, tmp_path):
     """torchrun, 2 CPU ranks (gloo) with 8 images each = 1 process with 16, to float rounding."""
     common = ["unlearn", "--checkpoint", original, "--forget-classes", "0,1", "--retain-classes", "2,3",

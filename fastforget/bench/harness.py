@@ -4,8 +4,9 @@ CSV rows for results/."""
 from __future__ import annotations
 
 import os
+import subprocess
 from dataclasses import dataclass
-from typing import Callable, Union
+from typing import Callable, Optional, Union
 
 import torch
 
@@ -48,24 +49,55 @@ def run(providers: dict[str, Provider], device: torch.device, work: float, reps:
     return rows
 
 
-def format_table(title: str, rows: list[Row], unit: str, ceiling: float, ceiling_name: str) -> str:
-    lines = [f"{title}; {ceiling_name} {ceiling:.1f} {unit}, threads {torch.get_num_threads()}",
-             f"{'provider':<10} {'ms':>9} {unit:>8} {'% ceil':>7} {'vs eager':>9}"]
-    for r in rows:
-        if r.note:
-            lines.append(f"{r.provider:<10} {r.note}")
-        else:
-            lines.append(f"{r.provider:<10} {r.ms:9.3f} {r.rate:8.2f} {100 * r.rate / ceiling:6.0f}% {r.vs_eager:8.2f}x")
-    return "\n".join(lines)
+@dataclass
+class Measured:
+    """One op at one shape and dtype: every provider's row, against a ceiling of the same run."""
+    op: str
+    title: str
+    shape: str
+    dtype: str
+    device: str
+    rows: list[Row]
+    unit: str  # GB/s or TFLOP/s
+    ceiling: float
+    ceiling_name: str  # copy bandwidth or matmul rate
+
+    def table(self) -> str:
+        lines = [f"{self.title}; {self.ceiling_name} {self.ceiling:.1f} {self.unit}, threads {torch.get_num_threads()}",
+                 f"{'provider':<10} {'ms':>9} {self.unit:>8} {'% ceil':>7} {'vs eager':>9}"]
+        for r in self.rows:
+            if r.note:
+                lines.append(f"{r.provider:<10} {r.note}")
+            else:
+                lines.append(f"{r.provider:<10} {r.ms:9.3f} {r.rate:8.2f} {100 * r.rate / self.ceiling:6.0f}% "
+                             f"{r.vs_eager:8.2f}x")
+        return "\n".join(lines)
+
+    def append_csv(self, path: str) -> None:
+        new = not os.path.exists(path)
+        with open(path, "a") as f:
+            if new:
+                f.write("op,provider,shape,dtype,device,ms,rate,unit,ceiling,vs_eager\n")
+            for r in self.rows:
+                if not r.note:
+                    f.write(f"{self.op},{r.provider},{self.shape},{self.dtype},{self.device},{r.ms:.4f},{r.rate:.3f},"
+                            f"{self.unit},{self.ceiling:.3f},{r.vs_eager:.3f}\n")
 
 
-def append_csv(path: str, op: str, shape: str, dtype: str, device: str, rows: list[Row], unit: str,
-               ceiling: float) -> None:
-    new = not os.path.exists(path)
-    with open(path, "a") as f:
-        if new:
-            f.write("op,provider,shape,dtype,device,ms,rate,unit,ceiling,vs_eager\n")
-        for r in rows:
-            if not r.note:
-                f.write(f"{op},{r.provider},{shape},{dtype},{device},{r.ms:.4f},{r.rate:.3f},{unit},{ceiling:.3f},"
-                        f"{r.vs_eager:.3f}\n")
+def report(measured: Measured, csv: Optional[str]) -> int:
+    """What each `fastforget bench <op>` ends with: the table, and the CSV rows when asked."""
+    print(measured.table())
+    if csv:
+        measured.append_csv(csv)
+    return 0
+
+
+def commit() -> str:
+    """The source's git commit (short), or the package version outside a checkout."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True,
+                              check=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        from .. import __version__
+        return f"v{__version__}"

@@ -40,18 +40,18 @@ def providers(device: torch.device) -> dict:
     return found
 
 
-def main(args) -> int:
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = getattr(torch, args.dtype)
-    inputs = make_inputs(tuple(args.shape), dtype, device)
+def measure(shape, dtype: torch.dtype, device: torch.device, reps: int = 10) -> harness.Measured:
+    inputs = make_inputs(tuple(shape), dtype, device)
     steps = {name: fn if isinstance(fn, str) else  # autograd.grad: the gradient itself, no accumulation
              (lambda fn=fn: torch.autograd.grad(fn(*inputs), inputs[0])) for name, fn in providers(device).items()}
     nbytes = bytes_moved(inputs[0])
     copy_gbs = copy_bandwidth_gbs(nbytes // 3, device)
-    rows = harness.run(steps, device, nbytes / 1e9, reps=args.reps)
-    title = f"unlearn_loss forward+backward, shape {tuple(args.shape)} {args.dtype} on {device}"
-    print(harness.format_table(title, rows, "GB/s", copy_gbs, "copy bandwidth"))
-    if args.csv:
-        harness.append_csv(args.csv, "loss", "x".join(map(str, args.shape)), args.dtype, str(device), rows, "GB/s",
-                           copy_gbs)
-    return 0
+    rows = harness.run(steps, device, nbytes / 1e9, reps=reps)
+    name = str(dtype).removeprefix("torch.")
+    return harness.Measured("loss", f"unlearn_loss forward+backward, shape {tuple(shape)} {name} on {device}",
+                            "x".join(map(str, shape)), name, str(device), rows, "GB/s", copy_gbs, "copy bandwidth")
+
+
+def main(args) -> int:
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    return harness.report(measure(args.shape, getattr(torch, args.dtype), device, args.reps), args.csv)

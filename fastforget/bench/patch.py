@@ -33,11 +33,9 @@ def flops(images, params, ids_keep) -> float:
     return 4.0 * ids_keep.numel() * weight[0].numel() * weight.shape[0]
 
 
-def main(args) -> int:
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = getattr(torch, args.dtype)
-    images, params, ids_keep = make_inputs(args.batch_size, args.image_size, args.patch_size, args.dim,
-                                           args.mask_ratio, dtype, device)
+def measure(batch: int, image: int, patch: int, dim: int, mask_ratio: float, dtype: torch.dtype,
+            device: torch.device, reps: int = 10) -> harness.Measured:
+    images, params, ids_keep = make_inputs(batch, image, patch, dim, mask_ratio, dtype, device)
     weight, bias, pos, cls = params
 
     def step(fn):
@@ -50,13 +48,15 @@ def main(args) -> int:
     providers = {"eager": step(eager), "compile": step(torch.compile(eager))}
     providers.update(harness.backend_providers(
         device, lambda name: step(lambda *a: masked_patch_embed(*a, backend=name))))
-    work = flops(images, params, ids_keep)
     ceiling = matmul_tflops(device, dtype)
-    rows = harness.run(providers, device, work / 1e12, reps=args.reps)
-    shape = f"B={args.batch_size} {args.image_size}px p={args.patch_size} D={args.dim} mask={args.mask_ratio}"
-    print(harness.format_table(f"masked_patch_embed forward+backward, {shape} {args.dtype} on {device}", rows,
-                               "TFLOP/s", ceiling, "matmul rate"))
-    if args.csv:
-        harness.append_csv(args.csv, "patch", shape.replace(" ", ";"), args.dtype, str(device), rows, "TFLOP/s",
-                           ceiling)
-    return 0
+    rows = harness.run(providers, device, flops(images, params, ids_keep) / 1e12, reps=reps)
+    shape = f"B={batch} {image}px p={patch} D={dim} mask={mask_ratio}"
+    name = str(dtype).removeprefix("torch.")
+    return harness.Measured("patch", f"masked_patch_embed forward+backward, {shape} {name} on {device}",
+                            shape.replace(" ", ";"), name, str(device), rows, "TFLOP/s", ceiling, "matmul rate")
+
+
+def main(args) -> int:
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    return harness.report(measure(args.batch_size, args.image_size, args.patch_size, args.dim, args.mask_ratio,
+                                  getattr(torch, args.dtype), device, args.reps), args.csv)

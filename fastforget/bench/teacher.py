@@ -19,12 +19,10 @@ def eager_teacher_batch(images, is_forget):
     return torch.where(is_forget.view(-1, 1, 1, 1), noise, images).clamp(0.0, 1.0)
 
 
-def main(args) -> int:
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = getattr(torch, args.dtype)
+def measure(batch: int, image: int, dtype: torch.dtype, device: torch.device, reps: int = 10) -> harness.Measured:
     gen = torch.Generator(device="cpu").manual_seed(0)
-    images = torch.rand(args.batch_size, 3, args.image_size, args.image_size, generator=gen).to(device, dtype)
-    is_forget = (torch.arange(args.batch_size) % 2 == 0).to(device)
+    images = torch.rand(batch, 3, image, image, generator=gen).to(device, dtype)
+    is_forget = (torch.arange(batch) % 2 == 0).to(device)
 
     providers = {"eager": lambda: eager_teacher_batch(images, is_forget),
                  "compile": (lambda fn: lambda: fn(images, is_forget))(torch.compile(eager_teacher_batch))}
@@ -33,11 +31,14 @@ def main(args) -> int:
     retain_fraction = 1 - float(is_forget.float().mean())
     nbytes = images.numel() * images.element_size() * (2 + retain_fraction)
     copy_gbs = copy_bandwidth_gbs(images.numel() * images.element_size(), device)
-    rows = harness.run(providers, device, nbytes / 1e9, reps=args.reps)
-    shape = f"B={args.batch_size} 3x{args.image_size}x{args.image_size}"
-    print(harness.format_table(f"make_teacher_batch (normal noise, half forget), {shape} {args.dtype} on {device}",
-                               rows, "GB/s", copy_gbs, "copy bandwidth"))
-    if args.csv:
-        harness.append_csv(args.csv, "teacher", shape.replace(" ", ";"), args.dtype, str(device), rows, "GB/s",
-                           copy_gbs)
-    return 0
+    rows = harness.run(providers, device, nbytes / 1e9, reps=reps)
+    shape = f"B={batch} 3x{image}x{image}"
+    name = str(dtype).removeprefix("torch.")
+    return harness.Measured("teacher", f"make_teacher_batch (normal noise, half forget), {shape} {name} on {device}",
+                            shape.replace(" ", ";"), name, str(device), rows, "GB/s", copy_gbs, "copy bandwidth")
+
+
+def main(args) -> int:
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    return harness.report(measure(args.batch_size, args.image_size, getattr(torch, args.dtype), device, args.reps),
+                          args.csv)

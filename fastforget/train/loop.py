@@ -38,6 +38,7 @@ class LoopConfig:
     save_every: int = 0  # steps; 0: at the end only
     stop_after: Optional[int] = None  # stop (with a checkpoint) after this many steps: a time-boxed part
     resume: bool = False
+    compile: bool = False  # the step's forward under torch.compile (the optimizer step is fused already)
     progress: bool = True
     extra: dict = field(default_factory=dict)  # recorded in checkpoints and metrics
 
@@ -149,6 +150,7 @@ def run(cfg: LoopConfig, d: Dist, model: nn.Module, trainable: nn.Module, steps_
         device_ids = [d.device.index] if d.device.type == "cuda" else None
         wrapped = nn.parallel.DistributedDataParallel(trainable, device_ids=device_ids)
     params = [p for p in trainable.parameters() if p.requires_grad]
+    loss_fn = torch.compile(loss_fn) if cfg.compile else loss_fn
 
     bar = _progress(total, start) if (d.main and cfg.progress) else None
     last: dict = {}

@@ -1,0 +1,74 @@
+"""`fastforget bench ops`: every op over the shapes that matter, every provider, against its roofline.
+
+Shapes are MAE's and MAGE's: MAE ViT-B/L latents (1 + 49 tokens at mask 0.75, width 768/1024),
+MAGE ViT-B latents (1 + 64 buffer + 128 kept tokens at mask 0.5, width 768), their patch
+embeddings and 224x224 / 256x256 teacher batches. `large` is the GPU set; `small` shrinks the
+batches so the CPU finishes in minutes. Each row's rate is the bytes or FLOPs the op must move or
+do over its time, beside the copy bandwidth or matmul rate measured in the same run.
+"""
+from __future__ import annotations
+
+import csv
+import os
+
+import torch
+
+from . import loss, patch, plot, teacher
+
+MAE_L, MAE_B, MAGE_B = (50, 1024), (50, 768), (193, 768)  # (tokens, width) of the encoders' latents
+
+# (op, dtype name, arguments of that op's measure after dtype and device are taken out)
+LARGE = [("loss", d, ((b, *s),)) for s, b in ((MAE_L, 256), (MAE_B, 256), (MAGE_B, 256), (MAE_L, 4096))
+         for d in ("bfloat16", "float32")] + [
+    ("patch", "bfloat16", (256, 224, 16, 1024, 0.75)),
+    ("patch", "bfloat16", (256, 224, 16, 768, 0.75)),
+    ("patch", "float32", (256, 224, 16, 1024, 0.75)),
+    ("teacher", "float32", (256, 224)),
+    ("teacher", "bfloat16", (256, 224)),
+    ("teacher", "float32", (256, 256)),
+    ("teacher", "float32", (1024, 224)),
+]
+SMALL = [
+    ("loss", "float32", ((64, *MAE_L),)),
+    ("loss", "bfloat16", ((64, *MAE_L),)),
+    ("loss", "float32", ((64, *MAGE_B),)),
+    ("patch", "float32", (16, 224, 16, 768, 0.75)),
+    ("patch", "float32", (16, 224, 16, 1024, 0.75)),
+    ("teacher", "float32", (16, 224)),
+    ("teacher", "float32", (16, 256)),
+]
+MEASURE = {"loss": loss.measure, "patch": patch.measure, "teacher": teacher.measure}
+
+
+def sweep(sizes: list, device: torch.device, reps: int, csv_path: str | None) -> list:
+    results = []
+    for op, dtype, shape_args in sizes:
+        measured = MEASURE[op](*shape_args, getattr(torch, dtype), device, reps)
+        print(measured.table(), end="\n\n", flush=True)
+        if csv_path:
+            measured.append_csv(csv_path)
+        results.append(measured)
+    return results
+
+
+def draw(csv_path: str) -> str:
+    """Percent of the roofline per provider, one group per (op, shape, dtype, device): the latest
+    row of each, as a PNG beside the CSV."""
+    groups: dict[str, dict[str, float]] = {}
+    with open(csv_path) as f:
+        for r in csv.DictReader(f):
+            label = f"{r['op']} {r['shape'].replace(';', ' ')} {r['dtype']} {r['device']}"
+            groups.setdefault(label, {})[r["provider"]] = 100 * float(r["rate"]) / float(r["ceiling"])
+    path = os.path.splitext(csv_path)[0] + ".png"
+    plot.bars(groups, "fastforget bench ops: % of the roofline measured in the same run", "% roofline", path,
+              bar_w=18)
+    return path
+
+
+def main(args) -> int:
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    size = args.size or ("large" if device.type == "cuda" else "small")
+    sweep(LARGE if size == "large" else SMALL, device, args.reps, args.csv)
+    if args.csv:
+        print(f"wrote {args.csv} and {draw(args.csv)}")
+    return 0

@@ -1,0 +1,308 @@
+"""`fastforget bench step`: one whole unlearning step, three ways, on the same model, data and device.
+
+Providers:
+- reference: the reference code's step (engine_unlearn.py) re-created for MAE: the student under
+  fp16 autocast with a GradScaler (CUDA), the teacher outside autocast in float32 and run twice
+  over the whole batch (clean images, then noise images), MAE's patch embedding of every patch
+  then argsort masking, timm 0.3's attention (an explicit softmax), compute_loss as written, AdamW
+  (not fused), and loss.item() plus a device synchronise every step.
+- pytorch: good plain PyTorch: bf16 autocast (CUDA), scaled_dot_product_attention, fused AdamW, no
+  per-step host reads; still the teacher twice and no fastforget op.
+- fastforget: the trainer's own step (train.unlearn.unlearning_step and loop.optimizer_step): one
+  routed teacher pass (bf16 weights on CUDA), the fused ops, fused AdamW, gradient clipping.
+On the CPU there is no autocast for any provider (bf16 autocast is slower than float32 there).
+`--compile` adds each provider again with its forward under torch.compile.
+
+Each provider runs in a fresh process. Peak memory: the most bytes allocated at once, model,
+teacher, optimizer state and activations (CUDA's allocator statistics; on the CPU, the profiler's
+allocator events over building and two steps). FLOPs are the
+method's (student forward and backward, one teacher forward), the same count for every provider,
+so model FLOP utilisation (MFU) compares like with like, against the matmul rate measured in the
+same run.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import datetime
+import json
+import multiprocessing
+import os
+import tempfile
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from ..models import create_mae
+from ..ops import reference
+from ..train.loop import Dist, make_optimizer, optimizer_step, param_groups, step_generator
+from ..train.unlearn import UnlearnConfig, unlearning_step
+from . import harness, plot
+from .timing import matmul_tflops, median_ms, sync
+
+PROVIDERS = ("reference", "pytorch", "fastforget")
+CSV_COLUMNS = ("provider", "model", "batch", "device", "ms_per_step", "images_per_s", "speedup", "peak_mem_mb",
+               "mfu", "commit", "date")
+LR = 1e-4
+
+
+@dataclass(frozen=True)
+class Spec:
+    provider: str
+    model: str
+    batch: int
+    mask_ratio: float
+    device: str
+    compiled: bool = False
+    reps: int = 10
+    min_time_s: float = 3.0  # medians over many steps: a 2-core machine's times wander
+
+    @property
+    def name(self) -> str:
+        return self.provider + ("+compile" if self.compiled else "")
+
+
+# -- the model's work ---------------------------------------------------------------------------
+
+def encoder_flops(model, batch: int, mask_ratio: float) -> float:
+    """Matmul FLOPs of one encoder forward over the kept patches (patch embedding, blocks)."""
+    length = model.num_patches
+    kept = length - int(length * mask_ratio)
+    tokens, width = 1 + kept, model.pos_embed.shape[-1]
+    hidden = model.blocks[0].mlp.fc1.out_features
+    patch = model.patch_embed.proj.weight[0].numel()
+    per_block = 2 * tokens * (4 * width * width + 2 * width * hidden) + 4 * tokens * tokens * width
+    return float(batch * (2 * kept * patch * width + len(model.blocks) * per_block))
+
+
+def step_flops(model, batch: int, mask_ratio: float) -> float:
+    """The method's step: student forward (1x) and backward (2x), one teacher forward (1x)."""
+    return 4 * encoder_flops(model, batch, mask_ratio)
+
+
+# -- MAE as the reference code runs it ----------------------------------------------------------
+
+def _explicit_attention(attn, x: Tensor) -> Tensor:
+    """timm 0.3's Attention.forward: q k^T * scale, softmax, times v."""
+    batch, tokens, dim = x.shape
+    heads = attn.num_heads
+    q, k, v = attn.qkv(x).reshape(batch, tokens, 3, heads, dim // heads).permute(2, 0, 3, 1, 4)
+    weights = ((q @ k.transpose(-2, -1)) * (dim // heads) ** -0.5).softmax(dim=-1)
+    return attn.proj((weights @ v).transpose(1, 2).reshape(batch, tokens, dim))
+
+
+def mae_encode(model, imgs: Tensor, ids_keep: Tensor, explicit_attention: bool) -> Tensor:
+    """models_mae.py's forward_encoder on given kept ids: every patch embedded, positions added, the
+    kept ones gathered, the cls token prepended; no fastforget op."""
+    x = F.conv2d(model.normalize(imgs), model.patch_embed.proj.weight, model.patch_embed.proj.bias,
+                 stride=model.patch_size)
+    x = x.flatten(2).transpose(1, 2) + model.pos_embed[:, 1:]
+    x = torch.gather(x, 1, ids_keep.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+    cls = (model.cls_token + model.pos_embed[:, :1]).expand(x.shape[0], -1, -1)
+    x = torch.cat([cls, x], dim=1)
+    for blk in model.blocks:
+        h = blk.norm1(x)
+        x = x + (_explicit_attention(blk.attn, h) if explicit_attention else blk.attn(h))
+        x = x + blk.mlp(blk.norm2(x))
+    return model.norm(x)
+
+
+def _kept_ids(noise: Tensor, mask_ratio: float) -> Tensor:
+    """MAE's random_masking: the first (1 - ratio) L of argsort(noise)."""
+    keep = noise.shape[1] - int(noise.shape[1] * mask_ratio)
+    return torch.argsort(noise, dim=1)[:, :keep]
+
+
+def _noise_images(imgs: Tensor) -> Tensor:
+    """The reference's noise batch: Gaussian with the batch's mean and std, clamped to [0, 1]."""
+    return (torch.randn_like(imgs) * imgs.std() + imgs.mean()).clamp(0.0, 1.0)
+
+
+# -- the three steps ----------------------------------------------------------------------------
+
+def _encoder_only(model: nn.Module) -> nn.Module:
+    model.requires_grad_(False)
+    for p in model.encoder_parameters():
+        p.requires_grad_(True)
+    return model
+
+
+def _two_pass_step(spec: Spec, model, imgs: Tensor, is_forget: Tensor, plain: bool):
+    """reference (plain=False) or pytorch (plain=True): the teacher twice over the whole batch."""
+    cuda = imgs.device.type == "cuda"
+    student = _encoder_only(model)
+    teacher = copy.deepcopy(model).eval().requires_grad_(False)
+    params = [p for p in student.parameters() if p.requires_grad]
+    if plain:
+        optimizer = make_optimizer(student, 0.05, LR)
+        student_cast = teacher_cast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda)
+    else:  # as MAE's engine: AdamW's default implementation, fp16 autocast with a loss scaler
+        optimizer = torch.optim.AdamW(param_groups(student.named_parameters(), 0.05), lr=LR, betas=(0.9, 0.95))
+        student_cast, teacher_cast = torch.autocast("cuda", dtype=torch.float16, enabled=cuda), contextlib.nullcontext()
+    scaler = torch.amp.GradScaler("cuda", enabled=cuda and not plain)
+
+    def forward(imgs, is_forget, ids_keep):
+        with student_cast:
+            latent = mae_encode(student, imgs, ids_keep, explicit_attention=not plain)
+        with torch.no_grad(), teacher_cast:
+            clean = mae_encode(teacher, imgs, ids_keep, explicit_attention=not plain)
+            noisy = mae_encode(teacher, _noise_images(imgs), ids_keep, explicit_attention=not plain)
+        return reference.reference_code_loss(latent, clean, noisy, is_forget)
+
+    forward = torch.compile(forward) if spec.compiled else forward
+
+    def step():
+        ids_keep = _kept_ids(torch.rand(imgs.shape[0], model.num_patches, device=imgs.device), spec.mask_ratio)
+        loss = forward(imgs, is_forget, ids_keep)
+        if plain:
+            loss.backward()
+            optimizer_step(optimizer, params, 3.0)
+            return
+        loss.item()  # the reference logs every step: a host read
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad()
+        sync(imgs.device)
+    return step
+
+
+def _fastforget_step(spec: Spec, model, imgs: Tensor, is_forget: Tensor):
+    d = Dist(device=imgs.device)
+    cfg = UnlearnConfig(checkpoint="", mask_ratio=spec.mask_ratio)
+    module, loss_fn = unlearning_step(cfg, model, d)
+    optimizer = make_optimizer(module, cfg.loop.weight_decay, LR)
+    params = [p for p in module.parameters() if p.requires_grad]
+    forward = torch.compile(loss_fn) if spec.compiled else loss_fn
+    counter = iter(range(1 << 62))
+
+    def step():
+        out = forward((imgs, is_forget), step_generator(d.device, 0, next(counter), 0), module)
+        out["loss"].backward()
+        optimizer_step(optimizer, params, cfg.loop.clip_grad)
+    return step
+
+
+def build(spec: Spec):
+    """(model, step) for spec: a fresh mae of spec.model on its device and one provider's step."""
+    device = torch.device(spec.device)
+    torch.manual_seed(0)
+    model = create_mae(spec.model).to(device)
+    size, chans = model.patch_embed.img_size[0], model.patch_embed.proj.in_channels
+    imgs = torch.rand(spec.batch, chans, size, size, device=device)
+    is_forget = torch.arange(spec.batch, device=device) % 2 == 0
+    if spec.provider == "fastforget":
+        return model, _fastforget_step(spec, model, imgs, is_forget)
+    return model, _two_pass_step(spec, model, imgs, is_forget, plain=spec.provider == "pytorch")
+
+
+def measure(spec: Spec) -> dict:
+    """ms per step and peak memory of one provider (call it in a fresh process: see run)."""
+    device = torch.device(spec.device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        model, step = build(spec)
+        ms = median_ms(step, device, warmup=3, reps=spec.reps, min_time_s=spec.min_time_s)
+        peak = torch.cuda.max_memory_allocated(device)
+    else:
+        with cpu_allocations() as peak_of:
+            model, step = build(spec)
+            for _ in range(2):
+                step()
+        peak = peak_of()
+        ms = median_ms(step, device, warmup=1, reps=spec.reps, min_time_s=spec.min_time_s)
+    return {"ms": ms, "peak_mb": peak / 2**20, "flops": step_flops(model, spec.batch, spec.mask_ratio)}
+
+
+@contextlib.contextmanager
+def cpu_allocations():
+    """Yields peak() -> the most CPU bytes allocated at once inside the block (model, optimizer
+    state, activations), from the profiler's allocator events: CPU tensors have no allocator stats."""
+    from torch.profiler import ProfilerActivity, profile
+
+    peak = [0]
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        yield lambda: peak[0]
+    with tempfile.TemporaryDirectory() as tmp:
+        trace = os.path.join(tmp, "trace.json")
+        prof.export_chrome_trace(trace)
+        with open(trace) as f:
+            events = json.load(f)["traceEvents"]
+    peak[0] = max((e["args"]["Total Allocated"] for e in events
+                   if e.get("name") == "[memory]" and e["args"].get("Device Type") == 0), default=0)
+
+
+def run(specs: list[Spec]) -> list[dict]:
+    """Each spec measured in a fresh spawned process, one after the other."""
+    ctx = multiprocessing.get_context("spawn")
+    results = []
+    for spec in specs:
+        with ctx.Pool(1) as pool:
+            results.append({"spec": spec, **pool.apply(measure, (spec,))})
+    return results
+
+
+def rows(results: list[dict], matmul_rate: float, commit: str) -> list[dict]:
+    base = next((r["ms"] for r in results if r["spec"].name == "reference"), results[0]["ms"])
+    date = datetime.date.today().isoformat()
+    out = []
+    for r in results:
+        s = r["spec"]
+        out.append({"provider": s.name, "model": s.model, "batch": s.batch, "device": s.device,
+                    "ms_per_step": r["ms"], "images_per_s": s.batch / (r["ms"] * 1e-3), "speedup": base / r["ms"],
+                    "peak_mem_mb": r["peak_mb"], "mfu": r["flops"] / (r["ms"] * 1e-3) / (matmul_rate * 1e12),
+                    "commit": commit, "date": date})
+    return out
+
+
+def format_table(title: str, table: list[dict]) -> str:
+    lines = [title, f"{'provider':<20} {'ms/step':>9} {'images/s':>9} {'speedup':>8} {'peak MB':>9} {'MFU':>6}"]
+    for r in table:
+        lines.append(f"{r['provider']:<20} {r['ms_per_step']:9.2f} {r['images_per_s']:9.1f} {r['speedup']:7.2f}x "
+                     f"{r['peak_mem_mb']:9.1f} {100 * r['mfu']:5.1f}%")
+    return "\n".join(lines)
+
+
+def append_csv(path: str, table: list[dict]) -> None:
+    new = not os.path.exists(path)
+    with open(path, "a") as f:
+        if new:
+            f.write(",".join(CSV_COLUMNS) + "\n")
+        for r in table:
+            f.write(",".join(f"{r[c]:.4g}" if isinstance(r[c], float) else str(r[c]) for c in CSV_COLUMNS) + "\n")
+
+
+def draw(csv_path: str) -> str:
+    """csv_path's images/s as bars, one group per (model, batch, device), the latest row of each
+    provider; written beside the CSV as a PNG."""
+    import csv
+
+    groups: dict[str, dict[str, float]] = {}
+    with open(csv_path) as f:
+        for r in csv.DictReader(f):
+            groups.setdefault(f"{r['model']} B={r['batch']} {r['device']}", {})[r["provider"]] = float(r["images_per_s"])
+    path = os.path.splitext(csv_path)[0] + ".png"
+    plot.bars(groups, "fastforget bench step: images per second (higher is better)", "images/s", path)
+    return path
+
+
+def main(args) -> int:
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    providers = [p for p in args.providers.split(",") if p]
+    unknown = sorted(set(providers) - set(PROVIDERS))
+    if unknown:
+        raise ValueError(f"--providers: unknown {unknown}; expected a comma-separated subset of {PROVIDERS}")
+    specs = [Spec(p, args.model, args.batch_size, args.mask_ratio, device, c, args.reps, args.min_time)
+             for c in ([False, True] if args.compile else [False]) for p in providers]
+    results = run(specs)
+    dev = torch.device(device)
+    rate = matmul_tflops(dev, torch.bfloat16 if dev.type == "cuda" else torch.float32)
+    table = rows(results, rate, harness.commit())
+    print(format_table(f"unlearning step, {args.model}, batch {args.batch_size}, mask {args.mask_ratio} on {device}; "
+                       f"matmul rate {rate:.2f} TFLOP/s, threads {torch.get_num_threads()}", table))
+    if args.csv:
+        append_csv(args.csv, table)
+        print(f"wrote {args.csv} and {draw(args.csv)}")
+    return 0

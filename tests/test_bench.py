@@ -1,0 +1,87 @@
+"""The benchmarks measure what they claim: the reference re-creation computes the model's function,
+FLOPs are counted right, and the commands write their CSV rows and plots."""
+import csv
+
+import pytest
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+from fastforget import cli
+from fastforget.bench import ops as bench_ops, step as bench_step
+from fastforget.models import create_mae
+from fastforget.ops import random_masking
+
+
+@pytest.fixture
+def tiny():
+    torch.manual_seed(0)
+    return create_mae("mae_vit_tiny").eval()
+
+
+@pytest.mark.parametrize("explicit_attention", [False, True])
+def test_reference_encoder_is_the_models_encoder(tiny, explicit_attention):
+    """The reference provider's MAE (every patch convolved, then gathered; timm 0.3's attention)
+    computes what fastforget's encoder computes, so the providers time the same function."""
+    imgs = torch.rand(5, 1, 16, 16)
+    ids_keep = random_masking(5, tiny.num_patches, 0.75, generator=torch.Generator().manual_seed(1))[0]
+    with torch.no_grad():
+        ours = tiny.encode(imgs, ids_keep)
+        theirs = bench_step.mae_encode(tiny, imgs, ids_keep, explicit_attention)
+    torch.testing.assert_close(theirs, ours, rtol=1e-5, atol=1e-5)
+
+
+def test_kept_ids_are_mae_masks(tiny):
+    noise = torch.rand(4, tiny.num_patches, generator=torch.Generator().manual_seed(2))
+    assert torch.equal(bench_step._kept_ids(noise, 0.75), random_masking(4, tiny.num_patches, 0.75, noise=noise)[0])
+
+
+@pytest.mark.parametrize("name", ["mae_vit_tiny", "mae_vit_base_patch16"])
+def test_encoder_flops_match_torchs_flop_counter(name):
+    """encoder_flops = patch embedding of the kept patches + the blocks, as FlopCounterMode counts
+    the blocks' matmuls and attention (through the math kernel: the counter knows its matmuls)."""
+    model = create_mae(name, depth=2) if name != "mae_vit_tiny" else create_mae(name)
+    batch, ratio = 2, 0.75
+    kept = model.num_patches - int(model.num_patches * ratio)
+    x = torch.randn(batch, 1 + kept, model.pos_embed.shape[-1])
+    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        for blk in model.blocks:
+            x = blk(x)
+    patch = 2 * batch * kept * model.patch_embed.proj.weight[0].numel() * model.pos_embed.shape[-1]
+    assert bench_step.encoder_flops(model, batch, ratio) == patch + counter.get_total_flops()
+    assert bench_step.step_flops(model, batch, ratio) == 4 * bench_step.encoder_flops(model, batch, ratio)
+
+
+def test_bench_step_writes_rows_and_plot(tmp_path, capsys):
+    path = tmp_path / "step.csv"
+    assert cli.main(["bench", "step", "--batch-size", "4", "--reps", "2", "--min-time", "0", "--device", "cpu",
+                     "--csv", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "images/s" in out and "MFU" in out
+    with open(path) as f:
+        rows = list(csv.DictReader(f))
+    assert [r["provider"] for r in rows] == list(bench_step.PROVIDERS)
+    assert list(rows[0]) == list(bench_step.CSV_COLUMNS)
+    for r in rows:
+        assert float(r["ms_per_step"]) > 0 and float(r["peak_mem_mb"]) > 0 and 0 < float(r["mfu"]) < 1
+    assert float(rows[0]["speedup"]) == 1.0
+    assert (tmp_path / "step.png").stat().st_size > 0
+
+
+def test_bench_step_rejects_unknown_provider():
+    with pytest.raises(ValueError, match="--providers"):
+        cli.main(["bench", "step", "--providers", "reference,fast", "--device", "cpu"])
+
+
+def test_bench_ops_sweeps_and_plots(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(bench_ops, "SMALL", [("loss", "float32", ((4, 3, 8),)),
+                                             ("patch", "float32", (2, 32, 16, 16, 0.75)),
+                                             ("teacher", "float32", (2, 16))])
+    path = tmp_path / "ops.csv"
+    assert cli.main(["bench", "ops", "--device", "cpu", "--reps", "1", "--csv", str(path)]) == 0
+    with open(path) as f:
+        rows = list(csv.DictReader(f))
+    assert {r["op"] for r in rows} == {"loss", "patch", "teacher"}
+    assert all(float(r["ms"]) > 0 and float(r["ceiling"]) > 0 for r in rows)
+    assert (tmp_path / "ops.png").stat().st_size > 0
+    assert "copy bandwidth" in capsys.readouterr().out
