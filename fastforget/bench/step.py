@@ -282,7 +282,8 @@ def draw(csv_path: str) -> str:
     groups: dict[str, dict[str, float]] = {}
     with open(csv_path) as f:
         for r in csv.DictReader(f):
-            groups.setdefault(f"{r['model']} B={r['batch']} {r['device']}", {})[r["provider"]] = float(r["images_per_s"])
+            label = f"{r['model']} B={r['batch']} {r['device']}"
+            groups.setdefault(label, {})[r["provider"]] = float(r["images_per_s"])
     path = os.path.splitext(csv_path)[0] + ".png"
     plot.bars(groups, "fastforget bench step: images per second (higher is better)", "images/s", path)
     return path
