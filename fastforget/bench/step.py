@@ -29,6 +29,7 @@ import json
 import multiprocessing
 import os
 import tempfile
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -236,11 +237,10 @@ def cpu_allocations():
 
 def run(specs: list[Spec]) -> list[dict]:
     """Each spec measured in a fresh spawned process, one after the other."""
-    ctx = multiprocessing.get_context("spawn")
     results = []
     for spec in specs:
-        with ctx.Pool(1) as pool:
-            results.append({"spec": spec, **pool.apply(measure, (spec,))})
+        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+            results.append({"spec": spec, **pool.submit(measure, spec).result()})
     return results
 
 
