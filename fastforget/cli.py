@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from torch.distributed.elastic.multiprocessing.errors import record
+
 
 def _common(parser: argparse.ArgumentParser, dtype: str = "float32") -> None:
     parser.add_argument("--dtype", default=dtype, choices=["float32", "bfloat16", "float16"])
@@ -12,6 +14,7 @@ def _common(parser: argparse.ArgumentParser, dtype: str = "float32") -> None:
     parser.add_argument("--csv", default=None, help="append one row per provider to this CSV file")
 
 
+@record  # under torchrun, a failing rank's traceback reaches the run's error summary
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="fastforget", description="Fast machine unlearning for image-to-image models.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -76,6 +79,8 @@ def main(argv=None) -> int:
     unlearn.add_argument("--retain-classes", default="", help="real retain classes (default: all others)")
     unlearn.add_argument("--proxy-classes", default="", help="proxy retain classes of the same data")
     unlearn.add_argument("--proxy-data", default=None, help="an ImageFolder directory of proxy retain images")
+    unlearn.add_argument("--skip-bad-images", action="store_true",
+                         help="leave unreadable image files out (counted) instead of stopping before training")
     unlearn.add_argument("--retain-ratio", type=float, default=1.0, help="real retain samples per forget sample")
     unlearn.add_argument("--proxy-ratio", type=float, default=1.0, help="retain samples in all per forget sample")
     unlearn.add_argument("--method", default="ours",
@@ -127,10 +132,9 @@ def main(argv=None) -> int:
         print(run_unlearn(UnlearnConfig(
             checkpoint=args.checkpoint, model=args.model, data=args.data, forget_classes=split(args.forget_classes),
             retain_classes=split(args.retain_classes), proxy_classes=split(args.proxy_classes),
-            proxy_data=args.proxy_data, retain_ratio=args.retain_ratio, proxy_ratio=args.proxy_ratio,
-            forget_weight=args.forget_weight, normalize=args.normalize, noise=args.noise, mask_ratio=args.mask_ratio,
-            method=args.method, device=args.device,
-            loop=loop)))
+            proxy_data=args.proxy_data, skip_bad_images=args.skip_bad_images, retain_ratio=args.retain_ratio,
+            proxy_ratio=args.proxy_ratio, forget_weight=args.forget_weight, normalize=args.normalize, noise=args.noise,
+            mask_ratio=args.mask_ratio, method=args.method, device=args.device, loop=loop)))
         return 0
     if args.command == "eval":
         from .eval.run import evaluate_checkpoints

@@ -15,6 +15,8 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor, nn
 
+from ..weights import load_weights
+
 
 @dataclass
 class Extractor:
@@ -48,7 +50,7 @@ def digits_classifier(size: int = 16, epochs: int = 15, seed: int = 0) -> Digits
     path = os.path.join(cache_dir(), f"digits_classifier_{size}_{epochs}_{seed}.pt")
     model = DigitsClassifier()
     if os.path.exists(path):
-        model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        model.load_state_dict(load_weights(path, "cached digits classifier"))
         return model.eval()
     torch.manual_seed(seed)
     train = data_lib.load_digits("train", size)

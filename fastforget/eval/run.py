@@ -63,7 +63,7 @@ def evaluate_checkpoints(checkpoints: dict, data: str, forget, retain, tasks, ra
         raise ValueError("--models must name at least one NAME=CHECKPOINT")
     models = {name: load_mae(path) for name, path in checkpoints.items()}
     original = next(iter(models.values()))
-    dataset = data_lib.load(data, original.patch_embed.img_size[0], split="test")
+    dataset = data_lib.load(data, original.patch_embed.img_size[0], split="test", what="--data directory")
     sets = {}
     for s, names in (("forget", forget), ("retain", retain)):
         ids = torch.tensor(data_lib.class_indices(dataset, names, s))

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from ..nn import MaskedPatchEmbed
+from ..weights import load_weights
 from ..ops import masked_patch_embed, random_masking
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -252,7 +253,7 @@ def load_mae(path: str, name: Optional[str] = None, **overrides) -> MaskedAutoen
     """A model from a checkpoint file: a dict with a "model" state dict (official MAE files, and
     fastforget's own, which also record the config under "config"). Read with weights_only=True;
     keys must match exactly, and a missing or unexpected one is reported by name."""
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    checkpoint = load_weights(path, "model file")
     if not isinstance(checkpoint, dict) or "model" not in checkpoint:
         raise ValueError(f"{path}: expected a dict with a 'model' entry (an MAE checkpoint)")
     config = checkpoint.get("config") or {}

@@ -19,6 +19,7 @@ class ImageSet:
     images: Tensor  # (N, C, H, W) float32 in [0, 1]
     labels: Tensor  # (N,) int64
     classes: list[str]
+    skipped: int = 0  # unreadable files left out (with skip_bad)
 
     def __len__(self) -> int:
         return self.labels.shape[0]
@@ -45,23 +46,43 @@ def load_digits(split: str = "train", size: int = 16, test_fraction: float = 0.2
     return ImageSet(images[index].clamp(0, 1), labels[index], [str(i) for i in range(10)])
 
 
-def load_image_folder(path: str, size: int) -> ImageSet:
-    """An ImageFolder directory (one sub-directory per class), resized to size x size RGB."""
+def load_image_folder(path: str, size: int, what: str = "data directory", skip_bad: bool = False) -> ImageSet:
+    """An ImageFolder directory (one sub-directory per class), resized to size x size RGB.
+
+    Every file is decoded before training starts: one that cannot be read is an error listing the
+    bad files, or, with skip_bad, a counted skip (ImageSet.skipped)."""
     if not os.path.isdir(path):
-        raise FileNotFoundError(f"data directory {path!r} does not exist")
+        raise FileNotFoundError(f"{what} {path!r} does not exist or is not a directory")
+    from PIL import Image
     from torchvision import datasets, transforms
 
-    folder = datasets.ImageFolder(path, transform=transforms.Compose(
-        [transforms.Resize((size, size)), transforms.ToTensor()]))
-    if len(folder) == 0:
-        raise ValueError(f"data directory {path!r} holds no images")
-    images = torch.stack([folder[i][0] for i in range(len(folder))])
-    return ImageSet(images, torch.tensor(folder.targets, dtype=torch.int64), list(folder.classes))
+    try:
+        folder = datasets.ImageFolder(path)
+    except FileNotFoundError as err:  # no class sub-directory, or no file with an image extension
+        raise ValueError(f"{what} {path!r} holds no images in class sub-directories ({err})") from err
+    to_tensor = transforms.Compose([transforms.Resize((size, size)), transforms.ToTensor()])
+    images, labels, bad = [], [], []
+    for file, label in folder.samples:
+        try:
+            with Image.open(file) as img:
+                images.append(to_tensor(img.convert("RGB")))
+            labels.append(label)
+        except Exception as err:  # PIL raises OSError, SyntaxError, ValueError... for damaged files
+            bad.append(f"{file} ({type(err).__name__}: {err})")
+    if bad and not skip_bad:
+        listed = "; ".join(bad[:5]) + (f"; and {len(bad) - 5} more" if len(bad) > 5 else "")
+        raise ValueError(f"{what} {path!r}: {len(bad)} of {len(folder.samples)} image files cannot be read: {listed}. "
+                         f"Fix or remove them, or skip them with --skip-bad-images")
+    if bad:
+        print(f"skipped {len(bad)} unreadable image files of {len(folder.samples)} in {path}")
+    if not images:
+        raise ValueError(f"{what} {path!r} holds no readable images")
+    return ImageSet(torch.stack(images), torch.tensor(labels, dtype=torch.int64), list(folder.classes), len(bad))
 
 
-def load(spec: str, size: int, split: str = "train") -> ImageSet:
-    """`digits` or an ImageFolder directory."""
-    return load_digits(split, size) if spec == "digits" else load_image_folder(spec, size)
+def load(spec: str, size: int, split: str = "train", what: str = "data directory", skip_bad: bool = False) -> ImageSet:
+    """`digits` or an ImageFolder directory (what names the option in errors)."""
+    return load_digits(split, size) if spec == "digits" else load_image_folder(spec, size, what, skip_bad)
 
 
 def class_indices(data: ImageSet, names: Optional[Sequence[str]], what: str) -> list[int]:

@@ -21,6 +21,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from ..weights import load_weights, with_digest
+
 
 @dataclass
 class LoopConfig:
@@ -101,10 +103,11 @@ def learning_rate(step: int, total: int, base: float, min_lr: float, warmup: int
 
 
 def save_atomic(obj: dict, path: str) -> None:
-    """torch.save to a temporary file, fsync, then rename: a kill leaves the old file whole."""
+    """torch.save (with a digest of the content) to a temporary file, fsync, then rename: a kill
+    leaves the old file whole, and damage to the new one is caught when it is loaded."""
     tmp = f"{path}.tmp.{os.getpid()}"
     with open(tmp, "wb") as f:
-        torch.save(obj, f)
+        torch.save(with_digest(obj), f)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
@@ -133,6 +136,10 @@ def run(cfg: LoopConfig, d: Dist, model: nn.Module, trainable: nn.Module, steps_
     """
     os.makedirs(cfg.out, exist_ok=True)
     ckpt_path = os.path.join(cfg.out, "checkpoint.pt")
+    if d.main:  # temporaries of saves that a kill interrupted: never read, safe to drop
+        for name in os.listdir(cfg.out):
+            if name.startswith("checkpoint.pt.tmp."):
+                os.remove(os.path.join(cfg.out, name))
     metrics_path = os.path.join(cfg.out, "metrics.jsonl")
     total = max(int(cfg.epochs * steps_per_epoch), 1)
     global_batch = cfg.batch_size * cfg.accum_steps * d.world
@@ -156,6 +163,8 @@ def run(cfg: LoopConfig, d: Dist, model: nn.Module, trainable: nn.Module, steps_
     last: dict = {}
     sums: dict[str, Tensor] = {}
     counted = 0
+    finite = torch.ones((), dtype=torch.bool, device=d.device)  # every loss and gradient norm so far, on the device
+    saved = start
     t0 = time.perf_counter()
     end = total if cfg.stop_after is None else min(total, cfg.stop_after)
     for step in range(start, end):
@@ -173,11 +182,17 @@ def run(cfg: LoopConfig, d: Dist, model: nn.Module, trainable: nn.Module, steps_
                 sums[k] = sums.get(k, 0) + v.detach().float()
             counted += 1
         grad_norm = optimizer_step(optimizer, params, cfg.clip_grad)
+        finite &= torch.isfinite(sums["loss"]) & torch.isfinite(grad_norm)
         done = step + 1
-        if done % cfg.log_every == 0 or done == total:
+        logging = done % cfg.log_every == 0 or done == total
+        saving = d.main and ((cfg.save_every and done % cfg.save_every == 0) or done == end)
+        if (logging or saving) and not bool(finite):  # host reads only here: at log and save steps
+            kept = f"{ckpt_path} (step {saved})" if os.path.exists(ckpt_path) else "no checkpoint was written"
+            raise FloatingPointError(
+                f"stopped at step {done}: a loss or gradient norm became NaN or Inf after step {saved} "
+                f"(check the learning rate and the inputs); nothing from this run since is saved: {kept}")
+        if logging:
             values = {k: float(v) / counted for k, v in sums.items()}
-            if not all(math.isfinite(v) for v in values.values()):
-                raise FloatingPointError(f"step {done}: non-finite loss {values}; the last checkpoint is kept as it was")
             last = {"step": done, "epoch": done / steps_per_epoch, "lr": lr, "grad_norm": float(grad_norm),
                     **values, "seconds": time.perf_counter() - t0}
             sums, counted = {}, 0
@@ -188,9 +203,10 @@ def run(cfg: LoopConfig, d: Dist, model: nn.Module, trainable: nn.Module, steps_
                     bar.set_postfix({k: f"{v:.4g}" for k, v in values.items()})
         if bar is not None:
             bar.update(1)
-        if d.main and ((cfg.save_every and done % cfg.save_every == 0) or done == end):
+        if saving:
             save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": done,
                          "loop": asdict(cfg), **checkpoint_extra()}, ckpt_path)
+            saved = done
     if bar is not None:
         bar.close()
     if d.world > 1:
@@ -199,13 +215,10 @@ def run(cfg: LoopConfig, d: Dist, model: nn.Module, trainable: nn.Module, steps_
 
 
 def load_checkpoint(path: str) -> dict:
-    """A fastforget checkpoint, read with weights_only=True; a damaged file is a clear error."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise ValueError(f"checkpoint {path} cannot be read (truncated, corrupted or not a weights file): {err}") from err
+    """A fastforget checkpoint, read with weights_only=True; damage or pickled code is a clear error."""
+    state = load_weights(path, "checkpoint")
     for key in ("model", "optimizer", "step"):
-        if key not in state:
+        if not isinstance(state, dict) or key not in state:
             raise ValueError(f"checkpoint {path} lacks its {key!r} entry")
     return state
 

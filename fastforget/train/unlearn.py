@@ -43,6 +43,7 @@ class UnlearnConfig:
     proxy_data: Optional[str] = None
     retain_ratio: float = 1.0
     proxy_ratio: float = 1.0
+    skip_bad_images: bool = False  # leave unreadable image files out (counted) instead of stopping
     forget_weight: float = 0.2
     # "reference" (the reference code's 2/B sums): its gradient over N ranks is exactly that of
     # the global batch, which per-rank set means are not.
@@ -200,8 +201,9 @@ def unlearn(cfg: UnlearnConfig) -> dict:
     original = load_mae(cfg.checkpoint, cfg.model)
     name = original.config_name
     size = original.patch_embed.img_size[0]
-    dataset = data_lib.load(cfg.data, size)
-    proxy_data = data_lib.load(cfg.proxy_data, size) if cfg.proxy_data else None
+    dataset = data_lib.load(cfg.data, size, what="--data directory", skip_bad=cfg.skip_bad_images)
+    proxy_data = data_lib.load(cfg.proxy_data, size, what="--proxy-data directory",
+                               skip_bad=cfg.skip_bad_images) if cfg.proxy_data else None
     sets = data_lib.select(dataset, cfg.forget_classes, cfg.retain_classes, cfg.proxy_classes, proxy_data,
                            cfg.retain_ratio, cfg.proxy_ratio, seed=cfg.loop.seed)
     images = _stage(torch.cat([sets.forget.images, sets.retain.images]), d)
@@ -264,7 +266,7 @@ def pretrain(cfg: PretrainConfig) -> dict:
     d = setup_distributed(cfg.device)
     torch.manual_seed(cfg.loop.seed)
     model = create_mae(cfg.model).to(d.device)
-    dataset = data_lib.load(cfg.data, model.patch_embed.img_size[0])
+    dataset = data_lib.load(cfg.data, model.patch_embed.img_size[0], what="--data directory")
     steps_per_epoch = max(len(dataset) // (cfg.loop.batch_size * cfg.loop.accum_steps * d.world), 1)
 
     def epoch_order(epoch: int):
