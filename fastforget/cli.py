@@ -69,6 +69,8 @@ def main(argv=None) -> int:
         p.add_argument("--stop-after", type=int, default=None, help="stop after this many steps (checkpointed)")
         p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
         p.add_argument("--compile", action="store_true", help="run the step's forward under torch.compile")
+        p.add_argument("--deterministic", action="store_true",
+                       help="torch.use_deterministic_algorithms for the run (fastforget's kernels are deterministic)")
         p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
 
     unlearn = sub.add_parser("unlearn", help="make a pretrained MAE forget classes (Li et al., ICLR 2024)")
@@ -123,7 +125,7 @@ def main(argv=None) -> int:
                           blr=args.blr, weight_decay=args.weight_decay, warmup_fraction=args.warmup_fraction,
                           clip_grad=args.clip_grad or None, seed=args.seed, log_every=args.log_every,
                           save_every=args.save_every, stop_after=args.stop_after, resume=args.resume,
-                          compile=args.compile)
+                          compile=args.compile, deterministic=args.deterministic)
         if args.command == "pretrain":
             print(run_pretrain(PretrainConfig(model=args.model, data=args.data, mask_ratio=args.mask_ratio,
                                               device=args.device, loop=loop)))

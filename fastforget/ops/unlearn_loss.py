@@ -10,6 +10,7 @@ gradient other than 1, and it decides that on the device (no host synchronisatio
 from __future__ import annotations
 
 import math
+import struct
 from typing import NamedTuple, Optional
 
 import torch
@@ -48,9 +49,11 @@ def unlearn_loss(
     "cuda" or "cpu"; FASTFORGET_BACKEND sets the default.
     """
     _check(student, retain_target, forget_target, is_forget, retain_weight, forget_weight, normalize)
+    retain_weight, forget_weight = _float32(retain_weight), _float32(forget_weight)  # what every kernel uses
     batch = student.shape[0]
-    if forget_target.dtype != retain_target.dtype:  # the kernels read both targets as one dtype
-        forget_target = forget_target.to(retain_target.dtype)
+    if forget_target.dtype != retain_target.dtype:  # the kernels read both targets as one dtype: the wider
+        common = torch.promote_types(retain_target.dtype, forget_target.dtype)  # (bf16 with fp16: fp32), exact
+        retain_target, forget_target = retain_target.to(common), forget_target.to(common)
     flags = is_forget if is_forget.dtype == torch.bool else is_forget != 0
     compute_grad = torch.is_grad_enabled() and student.requires_grad
     loss, retain_loss, forget_loss, _ = torch.ops.fastforget.unlearn_loss(
@@ -59,6 +62,11 @@ def unlearn_loss(
         normalize == "set", compute_grad, True, backends.requested_backend(backend),
     )
     return UnlearnLossOutput(loss, retain_loss, forget_loss)
+
+
+def _float32(w: float) -> float:
+    """w rounded to float32: 1e-50 is 0 there and 1e39 is inf, for every backend alike."""
+    return struct.unpack("f", struct.pack("f", w))[0] if abs(w) < 3.5e38 else math.copysign(math.inf, w)
 
 
 def _rows(x: Tensor, batch: int) -> Tensor:
@@ -90,8 +98,8 @@ def _check(student, retain_target, forget_target, is_forget, retain_weight, forg
     if is_forget.shape != student.shape[:1]:
         raise ValueError(f"is_forget must have shape ({student.shape[0]},) (one flag per row), got {tuple(is_forget.shape)}")
     for name, w in (("retain_weight", retain_weight), ("forget_weight", forget_weight)):
-        if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w):
-            raise TypeError(f"{name} must be a finite float, got {w!r}")
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(_float32(w)):
+            raise TypeError(f"{name} must be a finite float (in float32's range), got {w!r}")
     if normalize not in NORMALIZE:
         raise ValueError(f"normalize must be one of {NORMALIZE}, got {normalize!r}")
 

@@ -41,6 +41,9 @@ class LoopConfig:
     stop_after: Optional[int] = None  # stop (with a checkpoint) after this many steps: a time-boxed part
     resume: bool = False
     compile: bool = False  # the step's forward under torch.compile (the optimizer step is fused already)
+    # torch.use_deterministic_algorithms for the run (fastforget's own kernels are deterministic
+    # either way: no atomics); on the GPU this also pins cuBLAS's workspace and turns off cuDNN autotuning.
+    deterministic: bool = False
     progress: bool = True
     extra: dict = field(default_factory=dict)  # recorded in checkpoints and metrics
 
@@ -134,6 +137,28 @@ def run(cfg: LoopConfig, d: Dist, model: nn.Module, trainable: nn.Module, steps_
     is what checkpoints keep.
     Returns the last logged metrics.
     """
+    with deterministic_algorithms(cfg.deterministic):
+        return _run(cfg, d, model, trainable, steps_per_epoch, batches, loss_fn, checkpoint_extra)
+
+
+@contextlib.contextmanager
+def deterministic_algorithms(on: bool):
+    """torch's deterministic mode inside the block when on (the previous settings come back after)."""
+    if not on:
+        yield
+        return
+    before = torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # read when cuBLAS first runs
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.benchmark = False
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before[0])
+        torch.backends.cudnn.benchmark = before[1]
+
+
+def _run(cfg, d, model, trainable, steps_per_epoch, batches, loss_fn, checkpoint_extra) -> dict:
     os.makedirs(cfg.out, exist_ok=True)
     ckpt_path = os.path.join(cfg.out, "checkpoint.pt")
     if d.main:  # temporaries of saves that a kill interrupted: never read, safe to drop
