@@ -84,6 +84,19 @@ class Measured:
                             f"{self.unit},{self.ceiling:.3f},{r.vs_eager:.3f}\n")
 
 
+def measured(op: str, what: str, shape: str, dtype: torch.dtype, device: torch.device, rows: list[Row], unit: str,
+             ceiling: float, ceiling_name: str) -> Measured:
+    """A Measured titled "<what>, <shape> <dtype> on <device>"; the CSV's shape has no spaces."""
+    name = str(dtype).removeprefix("torch.")
+    return Measured(op, f"{what}, {shape} {name} on {device}", shape.replace(" ", ";"), name, str(device), rows, unit,
+                    ceiling, ceiling_name)
+
+
+def device_of(args) -> torch.device:
+    """--device, or CUDA when present."""
+    return torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
 def report(measured: Measured, csv: Optional[str]) -> int:
     """What each `fastforget bench <op>` ends with: the table, and the CSV rows when asked."""
     print(measured.table())

@@ -47,11 +47,9 @@ def measure(shape, dtype: torch.dtype, device: torch.device, reps: int = 10) -> 
     nbytes = bytes_moved(inputs[0])
     copy_gbs = copy_bandwidth_gbs(nbytes // 3, device)
     rows = harness.run(steps, device, nbytes / 1e9, reps=reps)
-    name = str(dtype).removeprefix("torch.")
-    return harness.Measured("loss", f"unlearn_loss forward+backward, shape {tuple(shape)} {name} on {device}",
-                            "x".join(map(str, shape)), name, str(device), rows, "GB/s", copy_gbs, "copy bandwidth")
+    return harness.measured("loss", "unlearn_loss forward+backward", "x".join(map(str, shape)), dtype, device, rows,
+                            "GB/s", copy_gbs, "copy bandwidth")
 
 
 def main(args) -> int:
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    return harness.report(measure(args.shape, getattr(torch, args.dtype), device, args.reps), args.csv)
+    return harness.report(measure(args.shape, getattr(torch, args.dtype), harness.device_of(args), args.reps), args.csv)

@@ -13,7 +13,7 @@ import os
 
 import torch
 
-from . import loss, patch, plot, teacher
+from . import harness, loss, patch, plot, teacher
 
 MAE_L, MAE_B, MAGE_B = (50, 1024), (50, 768), (193, 768)  # (tokens, width) of the encoders' latents
 
@@ -66,7 +66,7 @@ def draw(csv_path: str) -> str:
 
 
 def main(args) -> int:
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = harness.device_of(args)
     size = args.size or ("large" if device.type == "cuda" else "small")
     sweep(LARGE if size == "large" else SMALL, device, args.reps, args.csv)
     if args.csv:

@@ -51,12 +51,10 @@ def measure(batch: int, image: int, patch: int, dim: int, mask_ratio: float, dty
     ceiling = matmul_tflops(device, dtype)
     rows = harness.run(providers, device, flops(images, params, ids_keep) / 1e12, reps=reps)
     shape = f"B={batch} {image}px p={patch} D={dim} mask={mask_ratio}"
-    name = str(dtype).removeprefix("torch.")
-    return harness.Measured("patch", f"masked_patch_embed forward+backward, {shape} {name} on {device}",
-                            shape.replace(" ", ";"), name, str(device), rows, "TFLOP/s", ceiling, "matmul rate")
+    return harness.measured("patch", "masked_patch_embed forward+backward", shape, dtype, device, rows, "TFLOP/s",
+                            ceiling, "matmul rate")
 
 
 def main(args) -> int:
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     return harness.report(measure(args.batch_size, args.image_size, args.patch_size, args.dim, args.mask_ratio,
-                                  getattr(torch, args.dtype), device, args.reps), args.csv)
+                                  getattr(torch, args.dtype), harness.device_of(args), args.reps), args.csv)

@@ -290,7 +290,7 @@ def draw(csv_path: str) -> str:
 
 
 def main(args) -> int:
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = str(harness.device_of(args))
     providers = [p for p in args.providers.split(",") if p]
     unknown = sorted(set(providers) - set(PROVIDERS))
     if unknown:

@@ -33,12 +33,10 @@ def measure(batch: int, image: int, dtype: torch.dtype, device: torch.device, re
     copy_gbs = copy_bandwidth_gbs(images.numel() * images.element_size(), device)
     rows = harness.run(providers, device, nbytes / 1e9, reps=reps)
     shape = f"B={batch} 3x{image}x{image}"
-    name = str(dtype).removeprefix("torch.")
-    return harness.Measured("teacher", f"make_teacher_batch (normal noise, half forget), {shape} {name} on {device}",
-                            shape.replace(" ", ";"), name, str(device), rows, "GB/s", copy_gbs, "copy bandwidth")
+    return harness.measured("teacher", "make_teacher_batch (normal noise, half forget)", shape, dtype, device, rows,
+                            "GB/s", copy_gbs, "copy bandwidth")
 
 
 def main(args) -> int:
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    return harness.report(measure(args.batch_size, args.image_size, getattr(torch, args.dtype), device, args.reps),
-                          args.csv)
+    return harness.report(measure(args.batch_size, args.image_size, getattr(torch, args.dtype), harness.device_of(args),
+                                  args.reps), args.csv)
