@@ -10,11 +10,12 @@ from setuptools import setup
 package_dir = {"fastforget": "fastforget", "fastforget.kernels": "kernels"}
 # csrc's folders install as data-only packages, so native.py finds the sources next to itself.
 native_dirs = ("common", "cpu", "cuda")
-packages = ["fastforget", "fastforget.ops", "fastforget.bench", "fastforget.eval", "fastforget.models", "fastforget.train",
-            "fastforget.kernels"]
+packages = ["fastforget", "fastforget.ops", "fastforget.bench", "fastforget.data", "fastforget.eval", "fastforget.models",
+            "fastforget.train", "fastforget.kernels"]
 packages += [f"fastforget.csrc.{d}" for d in native_dirs]
 package_dir.update({f"fastforget.csrc.{d}": f"csrc/{d}" for d in native_dirs})
 package_data = {f"fastforget.csrc.{d}": ["*.cpp", "*.cu", "*.cuh", "*.h"] for d in native_dirs}
+package_data["fastforget.data"] = ["digits.csv.gz"]
 
 ext_modules, cmdclass = [], {}
 if os.environ.get("FASTFORGET_BUILD_EXT") == "1":

@@ -1,7 +1,8 @@
 """Image folders: bad data is a clear error before training starts, or a counted skip."""
 import pytest
 import torch
-from PIL import Image
+
+Image = pytest.importorskip("PIL.Image", reason="image folders need Pillow (torchvision brings it)")
 
 from fastforget.train import UnlearnConfig, unlearn
 from fastforget.train import data as data_lib

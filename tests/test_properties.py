@@ -9,7 +9,9 @@ import math
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings, strategies as st
+
+pytest.importorskip("hypothesis", reason="property tests need hypothesis (pip install -e '.[dev]')")
+from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E402
 
 import fastforget
 from fastforget.ops import reference

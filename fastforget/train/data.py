@@ -1,17 +1,20 @@
 """Data for unlearning: labelled image sets, class selection, and the reference's 1:1 stream.
 
 A data set here is (images, labels, classes): images float32 in [0, 1], (N, C, H, W); labels
-int64 (N,); classes the names. `digits` ships with scikit-learn (1,797 8x8 handwritten digits),
-so nothing is downloaded; any other spec is an ImageFolder directory (torchvision).
+int64 (N,); classes the names. `digits` (1,797 8x8 handwritten digits) is embedded in the package
+(fastforget/data), so nothing is downloaded; any other spec is an ImageFolder directory (torchvision).
 """
 from __future__ import annotations
 
+import gzip
 import os
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
+
+from ..data import DIGITS_CSV
 
 
 @dataclass
@@ -29,17 +32,14 @@ class ImageSet:
 
 
 def load_digits(split: str = "train", size: int = 16, test_fraction: float = 0.2, seed: int = 0) -> ImageSet:
-    """scikit-learn's handwritten digits, upsampled to size x size, split with a fixed seed."""
-    try:
-        from sklearn.datasets import load_digits as sklearn_digits
-    except ImportError as err:
-        raise ImportError("the digits data ship with scikit-learn: pip install 'fastforget[demo]'") from err
+    """The embedded handwritten digits (fastforget/data), upsampled to size x size, split with a fixed seed."""
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
-    data = sklearn_digits()
-    images = torch.tensor(data.images, dtype=torch.float32)[:, None] / 16.0
+    with gzip.open(DIGITS_CSV, "rt") as f:
+        rows = torch.tensor([[int(v) for v in line.split(",")] for line in f if line.strip()], dtype=torch.int64)
+    images = rows[:, :64].reshape(-1, 1, 8, 8).float() / 16.0
     images = torch.nn.functional.interpolate(images, size=(size, size), mode="bilinear", align_corners=False)
-    labels = torch.tensor(data.target, dtype=torch.int64)
+    labels = rows[:, 64]
     order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))
     n_test = int(len(labels) * test_fraction)
     index = order[n_test:] if split == "train" else order[:n_test]
