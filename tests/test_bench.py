@@ -49,7 +49,7 @@ def test_encoder_flops_match_torchs_flop_counter(name):
             x = blk(x)
     patch = 2 * batch * kept * model.patch_embed.proj.weight[0].numel() * model.pos_embed.shape[-1]
     assert bench_step.encoder_flops(model, batch, ratio) == patch + counter.get_total_flops()
-    assert bench_step.step_flops(model, batch, ratio) == 4 * bench_step.encoder_flops(model, batch, ratio)
+    assert bench_step.step_flops(model, batch, ratio) == 3 * patch + 4 * counter.get_total_flops()
 
 
 def test_bench_step_writes_rows_and_plot(tmp_path, capsys):

@@ -129,17 +129,20 @@ def _toy_run(out, bad_from, kind, **loop):
             loss = loss * float("nan") if kind == "loss" else loss + torch.sqrt(m.weight.sum() * 0)
         return {"loss": loss}
 
-    cfg = LoopConfig(out=str(out), epochs=10, batch_size=8, log_every=10, save_every=2, progress=False, **loop)
+    cfg = LoopConfig(out=str(out), epochs=10, batch_size=8, save_every=2, progress=False, **loop)
     return run(cfg, Dist(), model, model, 1, batches, loss_fn, dict)
 
 
 @pytest.mark.parametrize("kind", ["loss", "grad"])
-def test_non_finite_step_stops_and_keeps_the_last_good_checkpoint(tmp_path, kind):
-    _toy_run(tmp_path, bad_from=99, kind=kind, stop_after=4)
+@pytest.mark.parametrize("bad_from,log_every,accum,stops_at", [(5, 10, 1, 6), (4, 5, 1, 5), (5, 10, 2, 6)],
+                         ids=["found-at-save", "found-at-log", "accumulating"])
+def test_non_finite_step_stops_and_keeps_the_last_good_checkpoint(tmp_path, kind, bad_from, log_every, accum,
+                                                                  stops_at):
+    _toy_run(tmp_path, bad_from=99, kind=kind, stop_after=4, log_every=log_every, accum_steps=accum)
     good = open(tmp_path / "checkpoint.pt", "rb").read()
-    with pytest.raises(FloatingPointError, match=r"stopped at step 6: a loss or gradient norm became NaN or Inf "
-                                                 r"after step 4 .*checkpoint.pt \(step 4\)"):
-        _toy_run(tmp_path, bad_from=5, kind=kind, resume=True)
+    with pytest.raises(FloatingPointError, match=rf"stopped at step {stops_at}: a loss, gradient norm or parameter "
+                                                 rf"became NaN or Inf after step 4 .*checkpoint.pt \(step 4\)"):
+        _toy_run(tmp_path, bad_from=bad_from, kind=kind, resume=True, log_every=log_every, accum_steps=accum)
     assert open(tmp_path / "checkpoint.pt", "rb").read() == good
     assert load_checkpoint(str(tmp_path / "checkpoint.pt"))["step"] == 4
 
@@ -169,10 +172,11 @@ def test_sigkill_at_random_steps_then_resume_ends_bitwise_where_an_unbroken_run_
     kills = sorted(rng.sample(range(2, total - 4), 3))
     killed_at = []
     for k in kills:
+        resumed_from = _steps_logged(broken)  # the new process logs steps after this one
         proc = subprocess.Popen([sys.executable, *UNLEARN, "--checkpoint", original, "--out", broken, "--resume"],
                                 env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.time() + 120
-        while _steps_logged(broken) < k and proc.poll() is None and time.time() < deadline:
+        while _steps_logged(broken) < max(k, resumed_from + 1) and proc.poll() is None and time.time() < deadline:
             time.sleep(0.005)
         proc.send_signal(signal.SIGKILL)
         assert proc.wait(30) == -signal.SIGKILL, "the run ended before the kill: make it longer"
@@ -187,8 +191,10 @@ def test_sigkill_at_random_steps_then_resume_ends_bitwise_where_an_unbroken_run_
     for group in ("model",):
         for name, value in a[group].items():
             assert torch.equal(value, b[group][name]), name
-    for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
-        assert all(torch.equal(sa[key], sb[key]) for key in sa)
+    assert a["optimizer"]["state"].keys() == b["optimizer"]["state"].keys()
+    for key, sa in a["optimizer"]["state"].items():
+        sb = b["optimizer"]["state"][key]
+        assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
 # -- DDP -------------------------------------------------------------------------------------
@@ -216,3 +222,31 @@ def test_a_failing_rank_stops_the_whole_run_with_its_error(original, tmp_path):
     assert proc.returncode != 0
     assert "injected failure on rank 1 at step 3" in proc.stdout + proc.stderr
     assert time.time() - start < 120
+
+
+def test_nan_on_one_rank_stops_every_rank_with_the_message(original, tmp_path):
+    """Rank 1's loss turns NaN at its third step: both ranks stop with the trainer's message (they
+    agree through an all-reduce), and the checkpoint rank 0 wrote before stays as it was."""
+    script = tmp_path / "nan_rank.py"
+    script.write_text(
+        "import os, sys\n"
+        "from fastforget import cli\n"
+        "import importlib\n"
+        "unlearn = importlib.import_module('fastforget.train.unlearn')\n"
+        "if os.environ['RANK'] == '1':\n"
+        "    real, calls = unlearn.unlearn_loss, [0]\n"
+        "    def poisoned(*args, **kwargs):\n"
+        "        calls[0] += 1\n"
+        "        out = real(*args, **kwargs)\n"
+        "        return out._replace(loss=out.loss * float('nan')) if calls[0] >= 3 else out\n"
+        "    unlearn.unlearn_loss = poisoned\n"
+        "sys.exit(cli.main(sys.argv[1:]))\n")
+    out = tmp_path / "run"
+    args = [a for a in UNLEARN[2:]] + ["--checkpoint", original, "--out", str(out)]
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(script), *args], env=ENV, capture_output=True, text=True, timeout=180)
+    text = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert text.count("stopped at step 3: a loss, gradient norm or parameter became NaN or Inf after step 2") >= 2, \
+        text[-3000:]
+    assert load_checkpoint(str(out / "checkpoint.pt"))["step"] == 2

@@ -45,8 +45,9 @@ def strided(shape, dtype, layout, gen):
 
 
 def assert_names(err: Exception, name: str) -> None:
+    """The message is about name (it starts with it) and says what it got."""
     message = str(err)
-    assert name in message and "got" in message, message
+    assert message.startswith(name) and "got" in message, message
 
 
 # -- unlearn_loss ------------------------------------------------------------------------------
@@ -200,7 +201,7 @@ def _patch_mutations(case, images, weight, bias, pos, ids_keep, cls):
         ("images", dict(images=images[0])),
         ("images", dict(images=images.to(torch.int32))),
         ("weight", dict(weight=torch.ones(d, c + 1, p, p))),
-        ("height and width", dict(images=torch.rand(images.shape[0], c, images.shape[2] + 1, images.shape[3])))
+        ("images' height and width", dict(images=torch.rand(images.shape[0], c, images.shape[2] + 1, images.shape[3])))
         if p > 1 else ("weight", dict(weight=torch.ones(d, c, p, p + 1))),
         ("pos_embed", dict(pos_embed=torch.ones(1, pos.shape[1] + 1, d))),
         ("bias", dict(bias=torch.ones(d + 1))),

@@ -66,6 +66,10 @@ def unlearn_loss(
 
 def _float32(w: float) -> float:
     """w rounded to float32: 1e-50 is 0 there and 1e39 is inf, for every backend alike."""
+    try:
+        w = float(w)
+    except OverflowError:  # an int beyond any float
+        return math.inf
     return struct.unpack("f", struct.pack("f", w))[0] if abs(w) < 3.5e38 else math.copysign(math.inf, w)
 
 

@@ -14,6 +14,7 @@ import json
 import math
 import os
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Optional
 
@@ -148,7 +149,12 @@ def deterministic_algorithms(on: bool):
         yield
         return
     before = torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark
-    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # read when cuBLAS first runs
+    workspace = os.environ.get("CUBLAS_WORKSPACE_CONFIG")
+    if workspace is None:
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            warnings.warn("deterministic: CUDA already ran in this process, so cuBLAS may keep its default "
+                          "workspace; set CUBLAS_WORKSPACE_CONFIG=:4096:8 before starting it")
+        os.environ["CUBLAS_WORKSPACE_CONFIG"] = ":4096:8"  # read when cuBLAS first runs
     torch.use_deterministic_algorithms(True)
     torch.backends.cudnn.benchmark = False
     try:
@@ -156,6 +162,8 @@ def deterministic_algorithms(on: bool):
     finally:
         torch.use_deterministic_algorithms(before[0])
         torch.backends.cudnn.benchmark = before[1]
+        if workspace is None:
+            os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
 
 
 def _run(cfg, d, model, trainable, steps_per_epoch, batches, loss_fn, checkpoint_extra) -> dict:
@@ -210,12 +218,9 @@ def _run(cfg, d, model, trainable, steps_per_epoch, batches, loss_fn, checkpoint
         finite &= torch.isfinite(sums["loss"]) & torch.isfinite(grad_norm)
         done = step + 1
         logging = done % cfg.log_every == 0 or done == total
-        saving = d.main and ((cfg.save_every and done % cfg.save_every == 0) or done == end)
-        if (logging or saving) and not bool(finite):  # host reads only here: at log and save steps
-            kept = f"{ckpt_path} (step {saved})" if os.path.exists(ckpt_path) else "no checkpoint was written"
-            raise FloatingPointError(
-                f"stopped at step {done}: a loss or gradient norm became NaN or Inf after step {saved} "
-                f"(check the learning rate and the inputs); nothing from this run since is saved: {kept}")
+        saving = bool(cfg.save_every and done % cfg.save_every == 0) or done == end  # rank 0 writes
+        if logging or saving:  # host reads only here, on every rank alike
+            _stop_unless_finite(finite, params if saving else [], d, done, saved, ckpt_path)
         if logging:
             values = {k: float(v) / counted for k, v in sums.items()}
             last = {"step": done, "epoch": done / steps_per_epoch, "lr": lr, "grad_norm": float(grad_norm),
@@ -229,14 +234,32 @@ def _run(cfg, d, model, trainable, steps_per_epoch, batches, loss_fn, checkpoint
         if bar is not None:
             bar.update(1)
         if saving:
-            save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": done,
-                         "loop": asdict(cfg), **checkpoint_extra()}, ckpt_path)
+            if d.main:
+                save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": done,
+                             "loop": asdict(cfg), **checkpoint_extra()}, ckpt_path)
             saved = done
     if bar is not None:
         bar.close()
     if d.world > 1:
         dist.barrier()
     return last
+
+
+def _stop_unless_finite(finite: Tensor, params: list[Tensor], d: Dist, done: int, saved: int, ckpt_path: str) -> None:
+    """Raises on every rank when any rank saw a non-finite loss or gradient norm since the start, or
+    (before a save) holds a non-finite parameter: a bad model is never written."""
+    ok = finite.clone()
+    if params:
+        ok &= torch.isfinite(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.detach().float())
+                                                                   for p in params])))
+    ok = ok.to(torch.int32)
+    if d.world > 1:
+        dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+    if not bool(ok):
+        kept = f"{ckpt_path} (step {saved})" if os.path.exists(ckpt_path) else "no checkpoint was written"
+        raise FloatingPointError(
+            f"stopped at step {done}: a loss, gradient norm or parameter became NaN or Inf after step {saved} "
+            f"(check the learning rate and the inputs); no checkpoint since holds it: {kept}")
 
 
 def load_checkpoint(path: str) -> dict:
