@@ -66,8 +66,14 @@ def patch_embed_kernel(
 
 
 def input_precision(dtype) -> str:
-    """fp32 products in tf32 only where torch allows it for matmuls."""
-    return "tf32" if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 else "ieee"
+    """fp32 products in tf32 only where torch allows it for matmuls (its newer fp32_precision
+    setting when present: reading the old flag after the new one is set is an error)."""
+    if dtype != torch.float32:
+        return "ieee"
+    precision = getattr(torch.backends.cuda.matmul, "fp32_precision", None)
+    if precision is not None:
+        return "tf32" if precision == "tf32" else "ieee"
+    return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
 
 
 def masked_patch_embed(images, weight, bias, pos_embed, ids_keep, cls_token):

@@ -123,7 +123,7 @@ def output_kernel(x_ptr, out_ptr, is_forget_ptr, stream_ptr, mean_std_ptr, row_n
             m = offs < row_numel
             v = _noise(first + row_begin + offs, seed, mean, std, lo, hi, NOISE)
             if CLAMP:
-                v = tl.minimum(tl.maximum(v, lo), hi)
+                v = tl.where(v < lo, lo, tl.where(v > hi, hi, v))  # NaN stays NaN, as torch.clamp
             tl.store(out_ptr + row_begin + offs, v.to(out_ptr.dtype.element_ty), mask=m)
     else:  # retain rows: bit for bit
         for step in range(STEPS):

@@ -25,7 +25,7 @@ def _set_norm(normalize_set: tl.constexpr, rows_in_set, batch):
     if normalize_set:
         return 1.0 / tl.maximum(rows_in_set, 1).to(tl.float32)
     else:
-        return 2.0 / batch.to(tl.float32)
+        return 2.0 / (batch * 1.0)  # not .to(): Triton passes an int argument equal to 1 as a constant
 
 
 @triton.jit
@@ -73,7 +73,7 @@ def forward_kernel(
             n_forget = tl.load(count_ptr)
         n_set = tl.where(forget, n_forget, rows - n_forget)
         w = tl.where(forget, forget_weight, retain_weight)
-        coef = _grad_weight(w) * _set_norm(NORMALIZE_SET, n_set, rows) * 2.0 / cols.to(tl.float32)
+        coef = _grad_weight(w) * _set_norm(NORMALIZE_SET, n_set, rows) * 2.0 / (cols * 1.0)
     acc = tl.zeros([BLOCK], dtype=tl.float32)
     for step in range(STEPS):
         offs = begin + step * BLOCK + tl.arange(0, BLOCK)
@@ -108,8 +108,8 @@ def finalize_kernel(
         sum_retain += tl.where(forget, 0.0, row_sum)
         n_forget += forget.to(tl.int32)
     nf = tl.sum(n_forget, axis=0)
-    retain_loss = tl.sum(sum_retain, axis=0) / cols.to(tl.float32) * _set_norm(NORMALIZE_SET, rows - nf, rows)
-    forget_loss = tl.sum(sum_forget, axis=0) / cols.to(tl.float32) * _set_norm(NORMALIZE_SET, nf, rows)
+    retain_loss = tl.sum(sum_retain, axis=0) / (cols * 1.0) * _set_norm(NORMALIZE_SET, rows - nf, rows)
+    forget_loss = tl.sum(sum_forget, axis=0) / (cols * 1.0) * _set_norm(NORMALIZE_SET, nf, rows)
     tl.store(retain_loss_ptr, retain_loss)
     tl.store(forget_loss_ptr, forget_loss)
     tl.store(loss_ptr, retain_weight * retain_loss + forget_weight * forget_loss)
@@ -210,4 +210,17 @@ def aot_variants():
                                     retain_loss_ptr="*fp32", forget_loss_ptr="*fp32", rows="i32", cols="i32",
                                     chunks="i32", **floats), dict(
             NORMALIZE_SET=normalize_set, BLOCK=FINALIZE_BLOCK), (), 4
+    # Triton passes an int argument equal to 1 as a constant (batch 1, one element per row).
+    ptrs = dict(student_ptr="*fp32", retain_ptr="*fp32", forget_ptr="*fp32", is_forget_ptr="*u8", grad_ptr="*fp32",
+                partial_ptr="*fp32", count_ptr="*i32")
+    for one in ("rows", "cols"):
+        others = {k: v for k, v in ints.items() if k != one}
+        for normalize_set in (True, False):
+            yield forward_kernel, {**ptrs, **others, **floats}, {one: 1, **dict(
+                NORMALIZE_SET=normalize_set, WRITE_GRAD=True, INLINE_COUNT=True, BLOCK=BLOCK, STEPS=STEPS,
+                COUNT_BLOCK=COUNT_BLOCK)}, (), NUM_WARPS
+            yield finalize_kernel, {**dict(partial_ptr="*fp32", is_forget_ptr="*u8", loss_ptr="*fp32",
+                                           retain_loss_ptr="*fp32", forget_loss_ptr="*fp32", chunks="i32"),
+                                    **{k: "i32" for k in ("rows", "cols") if k != one}, **floats}, {
+                one: 1, "NORMALIZE_SET": normalize_set, "BLOCK": FINALIZE_BLOCK}, (), 4
     yield count_kernel, dict(is_forget_ptr="*u8", count_ptr="*i32", rows="i32"), dict(COUNT_BLOCK=COUNT_BLOCK), (), 4

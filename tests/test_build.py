@@ -32,7 +32,9 @@ def test_triton_kernels_compile_for_sm90_with_wide_accesses():
                           text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = proc.stdout.splitlines()
-    forward = [line for line in lines if line.startswith("forward_kernel")]
+    ones = [line for line in lines if "rows=1" in line or "cols=1" in line]
+    assert len(ones) == 8  # batch 1 and one element per row: Triton passes those ints as constants
+    forward = [line for line in lines if line.startswith("forward_kernel") and line not in ones]
     assert len(forward) == 24 and all("ld.global.v4" in line for line in forward)
     assert all("st.global.v4" in line for line in forward if "WRITE_GRAD=1" in line)
     for name in ("finalize_kernel", "count_kernel", "scale_kernel", "moments_kernel", "merge_kernel"):

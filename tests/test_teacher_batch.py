@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import fastforget
-from fastforget.ops import reference
+from fastforget.ops import backends, reference
 from fastforget.ops.teacher_batch import noise_stream
 
 from conftest import backend_params
@@ -93,8 +93,8 @@ def test_shards_draw_the_whole_batch_stream(backend, device):
 
 def test_backends_draw_the_same_noise():
     images, is_forget = make((6, 3, 10, 10), "cpu")
-    outs = [fastforget.make_teacher_batch(images, is_forget, generator=seeded("cpu"), backend=b)
-            for b in ("torch", "cpu", "triton")]
+    on_cpu = ("torch", "cpu", "triton") if backends.triton_interpret() else ("torch", "cpu")  # Triton: the GPU tests
+    outs = [fastforget.make_teacher_batch(images, is_forget, generator=seeded("cpu"), backend=b) for b in on_cpu]
     for out in outs[1:]:
         torch.testing.assert_close(out, outs[0], rtol=1e-6, atol=1e-6)
 

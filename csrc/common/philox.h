@@ -50,7 +50,9 @@ FF_PHILOX_INLINE float normal_noise(uint64_t i, uint64_t seed) {
 }
 
 FF_PHILOX_INLINE float uniform_noise(uint64_t i, uint64_t seed) {
-  return uniform_from_bits(philox4x32_10(i >> 2, seed).r[i & 3]);
+  const Philox4 p = philox4x32_10(i >> 2, seed);
+  const uint32_t lane = uint32_t(i & 3);  // selects, not p.r[lane]: a runtime index puts p on the GPU's stack
+  return uniform_from_bits(lane == 0 ? p.r[0] : lane == 1 ? p.r[1] : lane == 2 ? p.r[2] : p.r[3]);
 }
 
 }  // namespace fastforget

@@ -79,7 +79,7 @@ __global__ void __launch_bounds__(kThreads) output_kernel(TeacherBatchArgs a, co
   const float lo = a.clamp ? a.clamp_lo : 0.0f, hi = a.clamp ? a.clamp_hi : 1.0f;
   for (int64_t i = begin + threadIdx.x; i < end; i += kThreads) {
     float v = noise_value(a.noise, first + uint64_t(i), seed, mean, std, lo, hi);
-    if (a.clamp) v = fminf(fmaxf(v, a.clamp_lo), a.clamp_hi);
+    if (a.clamp) v = v < a.clamp_lo ? a.clamp_lo : (v > a.clamp_hi ? a.clamp_hi : v);  // NaN stays NaN, as torch.clamp
     out[i] = from_f<T>(v);
   }
 }

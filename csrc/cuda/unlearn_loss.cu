@@ -16,16 +16,19 @@ constexpr int64_t kInlineCountMaxRows = 4096;
 constexpr int kFinalizeThreads = 1024;
 
 // 8 elements at a 16-byte aligned address: one 16-byte access for 16-bit types, two for float.
-template <typename T>
+// kReadOnly: through the read-only cache (__ldg), only for data no thread of the kernel writes.
+template <bool kReadOnly = true, typename T>
 __device__ __forceinline__ void load8(const T* p, float (&v)[kVec]) {
   if constexpr (sizeof(T) == 2) {
-    const uint4 raw = __ldg(reinterpret_cast<const uint4*>(p));
+    const uint4* q = reinterpret_cast<const uint4*>(p);
+    const uint4 raw = kReadOnly ? __ldg(q) : *q;
     const T* e = reinterpret_cast<const T*>(&raw);
 #pragma unroll
     for (int j = 0; j < kVec; ++j) v[j] = to_f(e[j]);
   } else {
-    const float4 a = __ldg(reinterpret_cast<const float4*>(p));
-    const float4 b = __ldg(reinterpret_cast<const float4*>(p) + 1);
+    const float4* q = reinterpret_cast<const float4*>(p);
+    const float4 a = kReadOnly ? __ldg(q) : q[0];
+    const float4 b = kReadOnly ? __ldg(q + 1) : q[1];
     v[0] = a.x; v[1] = a.y; v[2] = a.z; v[3] = a.w; v[4] = b.x; v[5] = b.y; v[6] = b.z; v[7] = b.w;
   }
 }
@@ -167,7 +170,7 @@ __global__ void __launch_bounds__(kThreads)
     const int64_t vec_end = begin + (end - begin) / kVec * kVec;
     for (int64_t k = begin + int64_t(threadIdx.x) * kVec; k < vec_end; k += int64_t(kThreads) * kVec) {
       float v[kVec];
-      load8(g + k, v);
+      load8</*kReadOnly=*/false>(g + k, v);  // rescaled in place: not a read-only buffer
 #pragma unroll
       for (int j = 0; j < kVec; ++j) v[j] *= scale;
       store8(g + k, v);
@@ -192,7 +195,8 @@ cudaError_t launch_unlearn_loss_forward(const UnlearnLossArgs& a, float* scratch
   const int64_t blocks = unlearn_loss_scratch_floats(a.rows, a.cols);
   const int64_t ss = dtype_size(a.student_dtype), ts = dtype_size(a.target_dtype);
   const bool aligned = aligned16(a.student, a.student_stride * ss) && aligned16(a.retain, a.retain_stride * ts) &&
-                       aligned16(a.forget, a.forget_stride * ts) && aligned16(a.grad, a.cols * ss);
+                       aligned16(a.forget, a.forget_stride * ts) &&
+                       (a.grad == nullptr || aligned16(a.grad, a.cols * ss));
   const int* pre_count = nullptr;
   if (a.grad && a.rows > kInlineCountMaxRows) {
     count_kernel<<<1, kThreads, 0, stream>>>(a.is_forget, a.rows, count_scratch);
