@@ -126,12 +126,12 @@ def test_loss_refuses_invalid_input_by_name(case, pick):
     assert_names(info.value, name)
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("backend,device", backend_params())
 @pytest.mark.parametrize("where", ["student", "retain_target", "forget_target"])
 @pytest.mark.parametrize("value", [float("nan"), float("inf")])
-def test_loss_propagates_nan_and_inf_as_the_reference(backend, where, value):
-    student, retain, forget = (torch.randn(4, 3, 5) for _ in range(3))
-    is_forget = torch.tensor([True, False, True, False])
+def test_loss_propagates_nan_and_inf_as_the_reference(backend, device, where, value):
+    student, retain, forget = (torch.randn(4, 3, 5, device=device) for _ in range(3))
+    is_forget = torch.tensor([True, False, True, False], device=device)
     {"student": student, "retain_target": retain, "forget_target": forget}[where][1, 2, 3] = value
     ours_in, ref_in = student.clone().requires_grad_(), student.clone().requires_grad_()
     ours = fastforget.unlearn_loss(ours_in, retain, forget, is_forget, backend=backend)
@@ -225,16 +225,17 @@ def test_patch_embed_refuses_invalid_input_by_name(case, pick):
     assert_names(info.value, name)
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
-def test_patch_embed_nan_stays_in_its_patch(backend):
+@pytest.mark.parametrize("backend,device", backend_params())
+def test_patch_embed_nan_stays_in_its_patch(backend, device):
     """NaN in a kept patch makes that token NaN, in a removed patch nothing: as the reference."""
     gen = torch.Generator().manual_seed(3)
     images = torch.rand(2, 3, 8, 8, generator=gen)
     images[0, 1, 0, 0] = float("nan")  # patch 0 of image 0
     images[1, 2, 7, 7] = float("inf")  # patch 3 of image 1
     weight, pos = torch.randn(5, 3, 4, 4, generator=gen), torch.randn(1, 5, 5, generator=gen)
+    images, weight, pos = images.to(device), weight.to(device), pos.to(device)
     for ids in ([[0, 1], [1, 2]], [[1, 2], [3, 0]]):
-        ids_keep = torch.tensor(ids)
+        ids_keep = torch.tensor(ids, device=device)
         got = fastforget.masked_patch_embed(images, weight, None, pos, ids_keep, backend=backend)
         want = reference.masked_patch_embed(images, weight, None, pos, ids_keep)
         torch.testing.assert_close(got, want, equal_nan=True, rtol=1e-4, atol=1e-4)
@@ -312,14 +313,15 @@ def test_teacher_batch_refuses_invalid_input_by_name(case, pick):
     assert_names(info.value, name)
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("backend,device", backend_params())
 @pytest.mark.parametrize("value", [float("nan"), float("inf")])
-def test_teacher_batch_propagates_nan_and_inf_as_the_reference(backend, value):
-    images, is_forget = torch.rand(4, 3, 5, 5), torch.tensor([True, False, True, False])
-    images[1, 0, 2, 2] = value  # a retain row: the batch statistics see it
-    got = fastforget.make_teacher_batch(images, is_forget, clamp=None, generator=torch.Generator().manual_seed(5),
-                                        backend=backend)
-    stream = noise_stream(images.device, torch.Generator().manual_seed(5), 0)
-    want = reference.make_teacher_batch(images, is_forget, "normal", None, stream)
+@pytest.mark.parametrize("clamp", [None, (0.0, 1.0)])
+def test_teacher_batch_propagates_nan_and_inf_as_the_reference(backend, device, value, clamp):
+    images, is_forget = torch.rand(4, 3, 5, 5, device=device), torch.tensor([True, False, True, False], device=device)
+    images[1, 0, 2, 2] = value  # a retain row: the batch statistics see it (clamping keeps NaN, as torch.clamp)
+    got = fastforget.make_teacher_batch(images, is_forget, clamp=clamp,
+                                        generator=torch.Generator(device).manual_seed(5), backend=backend)
+    stream = noise_stream(images.device, torch.Generator(device).manual_seed(5), 0)
+    want = reference.make_teacher_batch(images, is_forget, "normal", clamp, stream)
     torch.testing.assert_close(got, want, equal_nan=True)
     torch.testing.assert_close(got[1], images[1], rtol=0, atol=0, equal_nan=True)  # the retain row as it was
