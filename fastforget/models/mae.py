@@ -33,7 +33,10 @@ class Attention(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         batch, tokens, dim = x.shape
-        q, k, v = self.qkv(x).view(batch, tokens, 3, self.num_heads, dim // self.num_heads).permute(2, 0, 3, 1, 4)
+        # unbind on the qkv axis, then transpose each: backward stacks the three gradients straight
+        # into qkv's layout (one pass), where permute(2, 0, 3, 1, 4) adds a strided copy. Same values.
+        qkv = self.qkv(x).view(batch, tokens, 3, self.num_heads, dim // self.num_heads)
+        q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))
         x = F.scaled_dot_product_attention(q, k, v)
         return self.proj(x.transpose(1, 2).reshape(batch, tokens, dim))
 
