@@ -17,10 +17,14 @@ def _folder(root, classes=("cat", "dog"), per_class=3, size=12):
     return root
 
 
-def test_reads_an_image_folder(tmp_path):
-    data = data_lib.load(str(_folder(tmp_path / "d")), 8)
-    assert data.images.shape == (6, 3, 8, 8) and data.classes == ["cat", "dog"] and data.skipped == 0
-    assert data.labels.tolist() == [0, 0, 0, 1, 1, 1]
+def test_reads_an_image_folder_only_where_chosen(tmp_path):
+    index = data_lib.load(str(_folder(tmp_path / "d")), 8)
+    assert index.images is None and len(index.files) == 6 and index.labels.tolist() == [0, 0, 0, 1, 1, 1]
+    (tmp_path / "d" / "cat" / "0.png").write_text("damaged, but never chosen")
+    dogs = data_lib.decode(index.subset(torch.tensor([3, 5])))
+    assert dogs.images.shape == (2, 3, 8, 8) and dogs.labels.tolist() == [1, 1] and dogs.classes == ["cat", "dog"]
+    data = data_lib.decode(data_lib.load(str(_folder(tmp_path / "e")), 8))
+    assert data.images.shape == (6, 3, 8, 8) and data.skipped == 0
 
 
 @pytest.mark.parametrize("damage", ["truncated", "not an image"])
@@ -31,10 +35,11 @@ def test_an_unreadable_file_is_named_or_skipped_when_asked(tmp_path, damage, cap
         bad.write_bytes(bad.read_bytes()[:40])
     else:
         bad.write_text("this is text, not a PNG")
+    index = data_lib.load(str(root), 8, what="--data directory")
     with pytest.raises(ValueError, match=r"--data directory .*: 1 of 6 image files cannot be read: .*dog/1.png .*"
                                          r"--skip-bad-images"):
-        data_lib.load(str(root), 8, what="--data directory")
-    data = data_lib.load(str(root), 8, what="--data directory", skip_bad=True)
+        data_lib.decode(index)
+    data = data_lib.decode(index, skip_bad=True)
     assert len(data) == 5 and data.skipped == 1
     assert "skipped 1 unreadable image files of 6" in capsys.readouterr().out
 
@@ -69,3 +74,34 @@ def test_bad_data_stops_unlearning_before_it_starts(tmp_path):
             unlearn(UnlearnConfig(checkpoint=ckpt, data=str(root), device="cpu", **change,
                                   loop=LoopConfig(out=str(out), progress=False)))
         assert not out.exists()
+
+
+def test_unlearning_on_image_folders_reads_only_the_chosen_files(tmp_path):
+    """Forget 'cat' with the real 'dog' retain set and a proxy folder: a damaged file of a class that
+    is not chosen is never read; one in the forget set stops the run before it starts, unless
+    skipped."""
+    from fastforget.models import create_mae
+    from fastforget.train.loop import LoopConfig, load_checkpoint, save_atomic
+
+    rgb = {"in_chans": 3, "pixel_mean": (0.5,) * 3, "pixel_std": (0.5,) * 3}
+    ckpt = str(tmp_path / "original.pt")
+    save_atomic({"model": create_mae("mae_vit_tiny", **rgb).state_dict(), "optimizer": {}, "step": 0,
+                 "config": {"model": "mae_vit_tiny", "overrides": rgb}}, ckpt)
+    root = _folder(tmp_path / "d", classes=("cat", "dog", "fox"), per_class=8, size=16)
+    proxy = _folder(tmp_path / "p", classes=("owl",), per_class=8, size=16)
+    (root / "fox" / "0.png").write_text("damaged, never chosen")
+
+    def run(out, **kw):
+        return unlearn(UnlearnConfig(checkpoint=ckpt, data=str(root), forget_classes=("cat",), device="cpu",
+                                     loop=LoopConfig(out=str(tmp_path / out), epochs=1, batch_size=4,
+                                                     progress=False), **kw))
+
+    run("real", retain_classes=("dog",))
+    run("proxy", proxy_data=str(proxy))
+    assert load_checkpoint(str(tmp_path / "proxy" / "checkpoint.pt"))["step"] == 4
+    (root / "cat" / "1.png").write_text("damaged, in the forget set")
+    with pytest.raises(ValueError, match=r"--data directory .*1 of 8 image files cannot be read: .*cat/1.png"):
+        run("bad", retain_classes=("dog",))
+    assert not (tmp_path / "bad").exists()
+    run("skipped", retain_classes=("dog",), skip_bad_images=True)
+    assert (tmp_path / "skipped" / "checkpoint.pt").exists()

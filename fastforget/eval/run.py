@@ -67,7 +67,7 @@ def evaluate_checkpoints(checkpoints: dict, data: str, forget, retain, tasks, ra
     sets = {}
     for s, names in (("forget", forget), ("retain", retain)):
         ids = torch.tensor(data_lib.class_indices(dataset, names, s))
-        sets[s] = dataset.subset(torch.isin(dataset.labels, ids).nonzero()[:, 0])
+        sets[s] = data_lib.decode(dataset.subset(torch.isin(dataset.labels, ids).nonzero()[:, 0]))
         if len(sets[s]) < 10:
             raise ValueError(f"the {s} classes {list(names)} have {len(sets[s])} test images; 10 at least")
     report = evaluate(models, sets, extractor(features, original), tasks, ratio, out)

@@ -19,16 +19,22 @@ from ..data import DIGITS_CSV
 
 @dataclass
 class ImageSet:
-    images: Tensor  # (N, C, H, W) float32 in [0, 1]
+    images: Optional[Tensor]  # (N, C, H, W) float32 in [0, 1]; None until decode() (image folders)
     labels: Tensor  # (N,) int64
     classes: list[str]
-    skipped: int = 0  # unreadable files left out (with skip_bad)
+    files: Optional[list[str]] = None  # image folders: each sample's file, read by decode()
+    source: str = ""  # what the files are, for error messages ("--data directory '/x'")
+    size: int = 0  # image folders: the side decode() resizes to
+    skipped: int = 0  # unreadable files left out by decode(skip_bad=True)
 
     def __len__(self) -> int:
         return self.labels.shape[0]
 
     def subset(self, index: Tensor) -> "ImageSet":
-        return ImageSet(self.images[index], self.labels[index], self.classes)
+        if self.images is not None:
+            return ImageSet(self.images[index], self.labels[index], self.classes)
+        files = [self.files[i] for i in index.tolist()]
+        return ImageSet(None, self.labels[index], self.classes, files, self.source, self.size)
 
 
 def load_digits(split: str = "train", size: int = 16, test_fraction: float = 0.2, seed: int = 0) -> ImageSet:
@@ -46,43 +52,54 @@ def load_digits(split: str = "train", size: int = 16, test_fraction: float = 0.2
     return ImageSet(images[index].clamp(0, 1), labels[index], [str(i) for i in range(10)])
 
 
-def load_image_folder(path: str, size: int, what: str = "data directory", skip_bad: bool = False) -> ImageSet:
-    """An ImageFolder directory (one sub-directory per class), resized to size x size RGB.
-
-    Every file is decoded before training starts: one that cannot be read is an error listing the
-    bad files, or, with skip_bad, a counted skip (ImageSet.skipped)."""
+def load_image_folder(path: str, size: int, what: str = "data directory") -> ImageSet:
+    """An ImageFolder directory (one sub-directory per class), indexed but not read: choosing
+    classes and samples costs nothing, and decode() reads only the chosen files."""
     if not os.path.isdir(path):
         raise FileNotFoundError(f"{what} {path!r} does not exist or is not a directory")
-    from PIL import Image
-    from torchvision import datasets, transforms
+    from torchvision import datasets
 
     try:
         folder = datasets.ImageFolder(path)
     except FileNotFoundError as err:  # no class sub-directory, or no file with an image extension
         raise ValueError(f"{what} {path!r} holds no images in class sub-directories ({err})") from err
-    to_tensor = transforms.Compose([transforms.Resize((size, size)), transforms.ToTensor()])
-    images, labels, bad = [], [], []
-    for file, label in folder.samples:
+    labels = torch.tensor([label for _, label in folder.samples], dtype=torch.int64)
+    return ImageSet(None, labels, list(folder.classes), [file for file, _ in folder.samples], f"{what} {path!r}", size)
+
+
+def decode(data: ImageSet, skip_bad: bool = False) -> ImageSet:
+    """data with its images read, resized to data.size x data.size RGB (already-read sets as they
+    are). A file that cannot be read is an error listing the bad files, or, with skip_bad, a counted
+    skip (ImageSet.skipped): either way before any training starts."""
+    if data.images is not None:
+        return data
+    from PIL import Image
+    from torchvision import transforms
+
+    to_tensor = transforms.Compose([transforms.Resize((data.size, data.size)), transforms.ToTensor()])
+    images, keep, bad = [], [], []
+    for i, file in enumerate(data.files):
         try:
             with Image.open(file) as img:
                 images.append(to_tensor(img.convert("RGB")))
-            labels.append(label)
+            keep.append(i)
         except Exception as err:  # PIL raises OSError, SyntaxError, ValueError... for damaged files
             bad.append(f"{file} ({type(err).__name__}: {err})")
     if bad and not skip_bad:
         listed = "; ".join(bad[:5]) + (f"; and {len(bad) - 5} more" if len(bad) > 5 else "")
-        raise ValueError(f"{what} {path!r}: {len(bad)} of {len(folder.samples)} image files cannot be read: {listed}. "
+        raise ValueError(f"{data.source}: {len(bad)} of {len(data.files)} image files cannot be read: {listed}. "
                          f"Fix or remove them, or skip them with --skip-bad-images")
     if bad:
-        print(f"skipped {len(bad)} unreadable image files of {len(folder.samples)} in {path}")
+        print(f"skipped {len(bad)} unreadable image files of {len(data.files)} in {data.source}")
     if not images:
-        raise ValueError(f"{what} {path!r} holds no readable images")
-    return ImageSet(torch.stack(images), torch.tensor(labels, dtype=torch.int64), list(folder.classes), len(bad))
+        raise ValueError(f"{data.source} holds no readable images")
+    return ImageSet(torch.stack(images), data.labels[keep], data.classes, skipped=len(bad))
 
 
-def load(spec: str, size: int, split: str = "train", what: str = "data directory", skip_bad: bool = False) -> ImageSet:
-    """`digits` or an ImageFolder directory (what names the option in errors)."""
-    return load_digits(split, size) if spec == "digits" else load_image_folder(spec, size, what, skip_bad)
+def load(spec: str, size: int, split: str = "train", what: str = "data directory") -> ImageSet:
+    """`digits` (read) or an ImageFolder directory (indexed: decode() reads it); what names the
+    option in errors."""
+    return load_digits(split, size) if spec == "digits" else load_image_folder(spec, size, what)
 
 
 def class_indices(data: ImageSet, names: Optional[Sequence[str]], what: str) -> list[int]:
@@ -143,7 +160,15 @@ def select(data: ImageSet, forget: Sequence[str], retain: Sequence[str] = (), pr
         parts.append(sample(pool, max(round(proxy_ratio * len(forget_set)) - have, 0)))
     if not parts or sum(len(p) for p in parts) == 0:
         raise ValueError("no retain samples: name retain classes, proxy classes or proxy data")
-    retain_set = ImageSet(torch.cat([p.images for p in parts]), torch.cat([p.labels for p in parts]), data.classes)
+    labels = torch.cat([p.labels for p in parts])
+    if all(p.images is not None for p in parts):
+        retain_set = ImageSet(torch.cat([p.images for p in parts]), labels, data.classes)
+    elif all(p.images is None for p in parts):
+        retain_set = ImageSet(None, labels, data.classes, [f for p in parts for f in p.files],
+                              " and ".join(dict.fromkeys(p.source for p in parts)), data.size)
+    else:
+        raise ValueError("proxy data must be of the data's kind: an image folder beside an image folder "
+                         "(the embedded digits take proxy classes of their own)")
     return UnlearnSets(forget_set, retain_set)
 
 

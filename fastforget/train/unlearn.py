@@ -201,11 +201,12 @@ def unlearn(cfg: UnlearnConfig) -> dict:
     original = load_mae(cfg.checkpoint, cfg.model)
     name = original.config_name
     size = original.patch_embed.img_size[0]
-    dataset = data_lib.load(cfg.data, size, what="--data directory", skip_bad=cfg.skip_bad_images)
-    proxy_data = data_lib.load(cfg.proxy_data, size, what="--proxy-data directory",
-                               skip_bad=cfg.skip_bad_images) if cfg.proxy_data else None
+    dataset = data_lib.load(cfg.data, size, what="--data directory")
+    proxy_data = data_lib.load(cfg.proxy_data, size, what="--proxy-data directory") if cfg.proxy_data else None
     sets = data_lib.select(dataset, cfg.forget_classes, cfg.retain_classes, cfg.proxy_classes, proxy_data,
                            cfg.retain_ratio, cfg.proxy_ratio, seed=cfg.loop.seed)
+    # Image folders are read only now, and only the chosen files: a forget set, not the whole folder.
+    sets = data_lib.UnlearnSets(*(data_lib.decode(s, cfg.skip_bad_images) for s in (sets.forget, sets.retain)))
     images = _stage(torch.cat([sets.forget.images, sets.retain.images]), d)
 
     n = 2 * max(len(sets.forget), len(sets.retain))
@@ -266,7 +267,7 @@ def pretrain(cfg: PretrainConfig) -> dict:
     d = setup_distributed(cfg.device)
     torch.manual_seed(cfg.loop.seed)
     model = create_mae(cfg.model).to(d.device)
-    dataset = data_lib.load(cfg.data, model.patch_embed.img_size[0], what="--data directory")
+    dataset = data_lib.decode(data_lib.load(cfg.data, model.patch_embed.img_size[0], what="--data directory"))
     steps_per_epoch = max(len(dataset) // (cfg.loop.batch_size * cfg.loop.accum_steps * d.world), 1)
 
     def epoch_order(epoch: int):
