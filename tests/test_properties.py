@@ -325,3 +325,50 @@ def test_teacher_batch_propagates_nan_and_inf_as_the_reference(backend, device, 
     want = reference.make_teacher_batch(images, is_forget, "normal", clamp, stream)
     torch.testing.assert_close(got, want, equal_nan=True)
     torch.testing.assert_close(got[1], images[1], rtol=0, atol=0, equal_nan=True)  # the retain row as it was
+
+
+# -- qkv_attention -----------------------------------------------------------------------------
+
+@st.composite
+def attention_cases(draw):
+    return dict(batch=draw(st.integers(1, 4)), tokens=draw(st.integers(1, 40)), heads=draw(st.integers(1, 4)),
+                head_dim=draw(st.sampled_from([1, 3, 8, 16, 17, 32, 64])), dtype=draw(st.sampled_from(FLOATS)),
+                layout=draw(st.sampled_from(LAYOUTS)), scale=draw(st.floats(0.1, 4)),
+                seed=draw(st.integers(0, 2**31 - 1)))
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+def test_attention_matches_the_reference(backend):
+    @run_settings(backend)
+    @given(case=attention_cases())
+    def check(case):
+        gen = torch.Generator().manual_seed(case["seed"])
+        shape = (case["batch"], case["tokens"], 3 * case["heads"] * case["head_dim"])
+        qkv = (strided(shape, torch.float32, case["layout"], gen) * case["scale"]).to(case["dtype"]).requires_grad_()
+        exact = qkv.detach().double().requires_grad_()
+        got = fastforget.ops.qkv_attention(qkv, case["heads"], backend=backend)
+        want = reference.qkv_attention(exact, case["heads"])
+        tol = 2e-5 if case["dtype"] == torch.float32 else 8 * torch.finfo(case["dtype"]).eps
+        torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol)
+        upstream = torch.randn(got.shape, generator=gen, dtype=torch.float64)
+        (g,) = torch.autograd.grad(got, qkv, upstream.to(got.dtype))
+        (w,) = torch.autograd.grad(want, exact, upstream)
+        scale = max(1.0, float(w.abs().max()))
+        torch.testing.assert_close(g.double(), w, rtol=tol, atol=tol * scale * case["tokens"] ** 0.5)
+    check()
+
+
+@settings(max_examples=40, deadline=None, derandomize=True, database=None)
+@given(case=attention_cases(), pick=st.integers(0, 4))
+def test_attention_refuses_invalid_input_by_name(case, pick):
+    qkv = torch.zeros(case["batch"], case["tokens"], 3 * case["heads"] * case["head_dim"])
+    name, args = [
+        ("qkv", (qkv[0], case["heads"])),
+        ("qkv", (qkv.to(torch.int64), case["heads"])),
+        ("qkv", (qkv[..., 1:], case["heads"])),
+        ("num_heads", (qkv, -case["heads"])),
+        ("qkv", (qkv.numpy(), case["heads"])),
+    ][pick]
+    with pytest.raises((ValueError, TypeError)) as info:
+        fastforget.ops.qkv_attention(*args)
+    assert_names(info.value, name)

@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "../common/bindings.h"
+#include "attention.h"
 #include "patch_embed.h"
 #include "teacher_batch.h"
 #include "unlearn_loss.h"
@@ -132,6 +133,60 @@ at::Tensor masked_patch_embed(const at::Tensor& images, const at::Tensor& weight
   });
 }
 
+// Attention over a packed qkv projection: CPU only (see attention.h), so its schemas live here.
+constexpr const char* kAttentionForwardSchema = "qkv_attention_forward(Tensor qkv, int heads) -> (Tensor, Tensor)";
+constexpr const char* kAttentionBackwardSchema =
+    "qkv_attention_backward(Tensor grad_out, Tensor qkv, Tensor out, Tensor lse, int heads) -> Tensor";
+
+AttentionArgs attention_args(const at::Tensor& qkv, int64_t heads) {
+  TORCH_CHECK(qkv.device().is_cpu(), "qkv must be on the CPU, got ", qkv.device());
+  TORCH_CHECK(qkv.dim() == 3 && qkv.is_contiguous() && heads > 0 && qkv.size(2) % (3 * heads) == 0,
+              "qkv must be contiguous (B, T, 3 * heads * head_dim) with heads = ", heads, ", got ", qkv.sizes());
+  const int64_t head_dim = qkv.size(2) / (3 * heads);
+  return AttentionArgs{qkv.data_ptr(), dtype_of(qkv, "qkv"), nullptr, nullptr, nullptr, nullptr,
+                       qkv.size(0), qkv.size(1), heads, head_dim, float(1.0 / std::sqrt(double(head_dim)))};
+}
+
+// Pairs per task: enough score work (about 4 T^2 d flops a pair) that scheduling costs nothing.
+int64_t pair_grain(const AttentionArgs& a) {
+  return std::max<int64_t>(1, (1 << 15) / std::max<int64_t>(1, a.tokens * a.tokens * a.head_dim));
+}
+
+std::tuple<at::Tensor, at::Tensor> qkv_attention_forward(const at::Tensor& qkv, int64_t heads) {
+  AttentionArgs args = attention_args(qkv, heads);
+  at::Tensor out = at::empty({args.batch, args.tokens, heads * args.head_dim}, qkv.options());
+  at::Tensor lse = at::empty({args.batch, heads, args.tokens}, qkv.options().dtype(at::kFloat));
+  args.out = out.data_ptr();
+  args.lse = lse.data_ptr<float>();
+  at::parallel_for(0, args.batch * heads, pair_grain(args), [&](int64_t begin, int64_t end) {
+    attention_forward_pairs(args, begin, end);
+  });
+  return {out, lse};
+}
+
+at::Tensor qkv_attention_backward(const at::Tensor& grad_out, const at::Tensor& qkv, const at::Tensor& out,
+                                  const at::Tensor& lse, int64_t heads) {
+  AttentionArgs args = attention_args(qkv, heads);
+  const std::vector<int64_t> out_shape{args.batch, args.tokens, heads * args.head_dim};
+  for (const auto& [t, name] : {std::pair{&grad_out, "grad_out"}, {&out, "out"}})
+    TORCH_CHECK(t->sizes() == out_shape && t->is_contiguous() && t->scalar_type() == qkv.scalar_type() &&
+                    t->device().is_cpu(),
+                name, " must be contiguous ", qkv.scalar_type(), " ", at::IntArrayRef(out_shape), " on the CPU, got ",
+                t->sizes(), " ", t->scalar_type());
+  TORCH_CHECK(lse.sizes() == at::IntArrayRef({args.batch, heads, args.tokens}) && lse.is_contiguous() &&
+                  lse.scalar_type() == at::kFloat,
+              "lse must be contiguous float32 (", args.batch, ", ", heads, ", ", args.tokens, "), got ", lse.sizes());
+  at::Tensor grad_qkv = at::empty_like(qkv);
+  args.out = const_cast<void*>(out.data_ptr());
+  args.grad_out = grad_out.data_ptr();
+  args.lse = const_cast<float*>(lse.data_ptr<float>());
+  args.grad_qkv = grad_qkv.data_ptr();
+  at::parallel_for(0, args.batch * heads, pair_grain(args), [&](int64_t begin, int64_t end) {
+    attention_backward_pairs(args, begin, end);
+  });
+  return grad_qkv;
+}
+
 }  // namespace
 }  // namespace fastforget
 
@@ -140,6 +195,8 @@ TORCH_LIBRARY(fastforget_cpu, m) {
   m.def(fastforget::kUnlearnLossScaleGradSchema);
   m.def(fastforget::kTeacherBatchSchema);
   m.def(fastforget::kMaskedPatchEmbedSchema);
+  m.def(fastforget::kAttentionForwardSchema);
+  m.def(fastforget::kAttentionBackwardSchema);
 }
 
 TORCH_LIBRARY_IMPL(fastforget_cpu, CPU, m) {
@@ -147,4 +204,6 @@ TORCH_LIBRARY_IMPL(fastforget_cpu, CPU, m) {
   m.impl("make_teacher_batch", &fastforget::make_teacher_batch);
   m.impl("unlearn_loss_forward", &fastforget::unlearn_loss_forward);
   m.impl("unlearn_loss_scale_grad", &fastforget::unlearn_loss_scale_grad);
+  m.impl("qkv_attention_forward", &fastforget::qkv_attention_forward);
+  m.impl("qkv_attention_backward", &fastforget::qkv_attention_backward);
 }

@@ -4,7 +4,8 @@ MaskedAutoencoderViT (models_mae.py), built on fastforget's ops.
 Official checkpoints load unchanged (load_mae). Differences, none visible in the keys: images come
 in [0, 1] and the model applies its input normalisation (pixel_mean, pixel_std) itself, folded
 exactly into the patch-embedding weights; only the kept patches are embedded
-(masked_patch_embed); attention is torch's scaled_dot_product_attention.
+(masked_patch_embed); attention reads the qkv projection as it is (qkv_attention: a fused kernel
+on the CPU, torch's scaled_dot_product_attention on GPUs).
 """
 from __future__ import annotations
 
@@ -14,11 +15,10 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 from torch import Tensor, nn
-from torch.nn import functional as F
 
 from ..nn import MaskedPatchEmbed
 from ..weights import load_weights
-from ..ops import masked_patch_embed, random_masking
+from ..ops import masked_patch_embed, qkv_attention, random_masking
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -32,13 +32,7 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x: Tensor) -> Tensor:
-        batch, tokens, dim = x.shape
-        # unbind on the qkv axis, then transpose each: backward stacks the three gradients straight
-        # into qkv's layout (one pass), where permute(2, 0, 3, 1, 4) adds a strided copy. Same values.
-        qkv = self.qkv(x).view(batch, tokens, 3, self.num_heads, dim // self.num_heads)
-        q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))
-        x = F.scaled_dot_product_attention(q, k, v)
-        return self.proj(x.transpose(1, 2).reshape(batch, tokens, dim))
+        return self.proj(qkv_attention(self.qkv(x), self.num_heads))
 
 
 class Mlp(nn.Module):

@@ -1,6 +1,7 @@
 """fastforget's ops: validated public functions over registered torch custom ops."""
+from .attention import qkv_attention
 from .patch_embed import masked_patch_embed, random_masking
 from .teacher_batch import make_teacher_batch
 from .unlearn_loss import UnlearnLossOutput, unlearn_loss
 
-__all__ = ["UnlearnLossOutput", "make_teacher_batch", "masked_patch_embed", "random_masking", "unlearn_loss"]
+__all__ = ["UnlearnLossOutput", "make_teacher_batch", "masked_patch_embed", "qkv_attention", "random_masking", "unlearn_loss"]

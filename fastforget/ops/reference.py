@@ -168,3 +168,14 @@ def masked_patch_embed(
         cls = (cls_token + pos_embed[:, :1]).expand(x.shape[0], -1, -1)
         x = torch.cat([cls, x], dim=1)
     return x
+
+
+def qkv_attention(qkv: Tensor, num_heads: int) -> Tensor:
+    """timm's Attention between its qkv and proj Linears: qkv (B, T, 3 D) laid out (3, heads,
+    head_dim) on the last axis -> (B, T, D) laid out (heads, head_dim), each head
+    softmax(q k^T / sqrt(head_dim)) v, with the softmax written out."""
+    batch, tokens, width = qkv.shape
+    head_dim = width // (3 * num_heads)
+    q, k, v = qkv.reshape(batch, tokens, 3, num_heads, head_dim).permute(2, 0, 3, 1, 4)
+    weights = ((q @ k.transpose(-2, -1)) * head_dim ** -0.5).softmax(dim=-1)
+    return (weights @ v).transpose(1, 2).reshape(batch, tokens, num_heads * head_dim)
