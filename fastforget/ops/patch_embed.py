@@ -40,7 +40,13 @@ def random_masking(
     elif not isinstance(noise, Tensor) or noise.shape != (batch_size, num_patches) or not noise.dtype.is_floating_point:
         got = tuple(noise.shape) if isinstance(noise, Tensor) else type(noise).__name__
         raise ValueError(f"noise must be a float tensor of shape ({batch_size}, {num_patches}), got {got}")
-    return reference.random_masking(noise, mask_ratio)
+    keep = int(num_patches * (1 - mask_ratio))
+    ids_shuffle = torch.argsort(noise, dim=1)
+    # The inverse permutation by a scatter, where MAE sorts a second time: the same ids, O(L).
+    positions = torch.arange(num_patches, device=noise.device).expand(batch_size, -1)
+    ids_restore = torch.empty_like(ids_shuffle).scatter_(1, ids_shuffle, positions)
+    mask = (ids_restore >= keep).float()  # removed: a place past the kept ones in the shuffle
+    return ids_shuffle[:, :keep], ids_restore, mask
 
 
 def masked_patch_embed(
