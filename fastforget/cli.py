@@ -32,6 +32,12 @@ def main(argv=None) -> int:
     patch.add_argument("--dim", type=int, default=768)
     patch.add_argument("--mask-ratio", type=float, default=0.75)
     _common(patch)
+    attn = ops.add_parser("attention", help="qkv_attention forward+backward")
+    attn.add_argument("--batch-size", type=int, default=128)
+    attn.add_argument("--tokens", type=int, default=17)
+    attn.add_argument("--heads", type=int, default=4)
+    attn.add_argument("--head-dim", type=int, default=16)
+    _common(attn)
     teacher = ops.add_parser("teacher", help="make_teacher_batch")
     teacher.add_argument("--batch-size", type=int, default=64)
     teacher.add_argument("--image-size", type=int, default=224)
@@ -163,10 +169,10 @@ def main(argv=None) -> int:
         print(report())
         return 0
     from .bench import loss as bench_loss, ops as bench_ops, patch as bench_patch, step as bench_step
-    from .bench import teacher as bench_teacher
+    from .bench import attention as bench_attention, teacher as bench_teacher
 
-    return {"loss": bench_loss, "patch": bench_patch, "teacher": bench_teacher, "step": bench_step,
-            "ops": bench_ops}[args.op].main(args)
+    return {"loss": bench_loss, "patch": bench_patch, "attention": bench_attention, "teacher": bench_teacher,
+            "step": bench_step, "ops": bench_ops}[args.op].main(args)
 
 
 if __name__ == "__main__":

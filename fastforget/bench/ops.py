@@ -2,7 +2,8 @@
 
 Shapes are MAE's and MAGE's: MAE ViT-B/L latents (1 + 49 tokens at mask 0.75, width 768/1024),
 MAGE ViT-B latents (1 + 64 buffer + 128 kept tokens at mask 0.5, width 768), their patch
-embeddings and 224x224 / 256x256 teacher batches. `large` is the GPU set; `small` shrinks the
+embeddings, their encoders' attention (and the digits model's: 17 tokens, 4 heads of 16) and
+224x224 / 256x256 teacher batches. `large` is the GPU set; `small` shrinks the
 batches so the CPU finishes in minutes. Each row's rate is the bytes or FLOPs the op must move or
 do over its time, beside the copy bandwidth or matmul rate measured in the same run.
 """
@@ -13,7 +14,7 @@ import os
 
 import torch
 
-from . import harness, loss, patch, plot, teacher
+from . import attention, harness, loss, patch, plot, teacher
 
 MAE_L, MAE_B, MAGE_B = (50, 1024), (50, 768), (193, 768)  # (tokens, width) of the encoders' latents
 
@@ -26,6 +27,8 @@ LARGE = [
     ("patch", "bfloat16", (256, 224, 16, 1024, 0.75)),
     ("patch", "bfloat16", (256, 224, 16, 768, 0.75)),
     ("patch", "float32", (256, 224, 16, 1024, 0.75)),
+    ("attention", "bfloat16", (256, 50, 16, 64)),
+    ("attention", "bfloat16", (256, 50, 12, 64)),
     ("teacher", "float32", (256, 224)),
     ("teacher", "bfloat16", (256, 256)),
     ("teacher", "float32", (1024, 224)),
@@ -36,10 +39,12 @@ SMALL = [
     ("loss", "float32", ((64, *MAGE_B),)),
     ("patch", "float32", (16, 224, 16, 768, 0.75)),
     ("patch", "float32", (16, 224, 16, 1024, 0.75)),
+    ("attention", "float32", (128, 17, 4, 16)),
+    ("attention", "float32", (16, 50, 16, 64)),
     ("teacher", "float32", (16, 224)),
     ("teacher", "float32", (16, 256)),
 ]
-MEASURE = {"loss": loss.measure, "patch": patch.measure, "teacher": teacher.measure}
+MEASURE = {"loss": loss.measure, "patch": patch.measure, "attention": attention.measure, "teacher": teacher.measure}
 
 
 def sweep(sizes: list, device: torch.device, reps: int, csv_path: str | None) -> list:
