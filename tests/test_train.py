@@ -10,7 +10,7 @@ import torch
 from fastforget.models import load_mae
 from fastforget.train import LoopConfig, PretrainConfig, UnlearnConfig, pretrain, unlearn
 from fastforget.train import data as data_lib
-from fastforget.train.loop import load_checkpoint, save_atomic
+from fastforget.train.loop import load_checkpoint
 
 
 @pytest.fixture(scope="module")
