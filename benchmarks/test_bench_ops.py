@@ -2,7 +2,7 @@
 
     .venv/bin/python -m pytest benchmarks/ --benchmark-columns=median,iqr,ops
 
-Providers as in `fastforget bench loss|patch|teacher`: the eager reference formula, torch.compile
+Providers as in `fastforget bench loss|patch|attention|teacher`: the eager reference formula, torch.compile
 of it, and each fastforget backend that runs here (extra_info carries the bytes or FLOPs, so a
 rate follows from the median).
 """
@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from fastforget.bench import harness, loss as bench_loss, patch as bench_patch, teacher as bench_teacher
-from fastforget.ops import masked_patch_embed, make_teacher_batch, reference
+from fastforget.ops import make_teacher_batch, masked_patch_embed, qkv_attention, reference
 
 CPU = torch.device("cpu")
 LOSS_SHAPE = (64, 50, 1024)  # MAE ViT-L latents
@@ -51,3 +51,12 @@ def test_make_teacher_batch(benchmark, provider):
         (lambda i, m: make_teacher_batch(i, m, backend=provider))
     benchmark.extra_info["bytes"] = images.numel() * images.element_size() * 2.5
     benchmark(lambda: fn(images, is_forget))
+
+
+@pytest.mark.parametrize("provider", ["eager", *BACKENDS])
+def test_qkv_attention_forward_backward(benchmark, provider):
+    batch, tokens, heads, head_dim = 128, 17, 4, 16  # the digits model's encoder
+    qkv = torch.randn(batch, tokens, 3 * heads * head_dim, generator=torch.Generator().manual_seed(0)).requires_grad_()
+    fn = reference.qkv_attention if provider == "eager" else (lambda x, h: qkv_attention(x, h, backend=provider))
+    benchmark.extra_info["flops"] = 3 * 4 * batch * tokens * tokens * heads * head_dim
+    benchmark(lambda: torch.autograd.grad(fn(qkv, heads).sum(), qkv))

@@ -13,7 +13,8 @@ Providers:
 On the CPU there is no autocast for any provider (bf16 autocast is slower than float32 there).
 `--compile` adds each provider again with its forward under torch.compile.
 
-Each provider runs in a fresh process. Peak memory: the most bytes allocated at once, model,
+Each provider runs in a fresh process of its own; the providers take turns in timing rounds (see
+run). Peak memory: the most bytes allocated at once, model,
 teacher, optimizer state and activations (CUDA's allocator statistics; on the CPU, the profiler's
 allocator events over building and two steps). FLOPs are the
 method's (student forward and backward, one teacher forward), the same count for every provider,
@@ -28,7 +29,9 @@ import datetime
 import json
 import multiprocessing
 import os
+import statistics
 import tempfile
+import traceback
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 
@@ -101,6 +104,13 @@ def _explicit_attention(attn, x: Tensor) -> Tensor:
     return attn.proj((weights @ v).transpose(1, 2).reshape(batch, tokens, dim))
 
 
+def _sdpa_attention(attn, x: Tensor) -> Tensor:
+    """Plain PyTorch's attention: scaled_dot_product_attention (no fastforget op)."""
+    batch, tokens, dim = x.shape
+    q, k, v = (t.transpose(1, 2) for t in attn.qkv(x).view(batch, tokens, 3, attn.num_heads, -1).unbind(2))
+    return attn.proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(batch, tokens, dim))
+
+
 def mae_encode(model, imgs: Tensor, ids_keep: Tensor, explicit_attention: bool) -> Tensor:
     """models_mae.py's forward_encoder on given kept ids: every patch embedded, positions added, the
     kept ones gathered, the cls token prepended; no fastforget op."""
@@ -112,7 +122,7 @@ def mae_encode(model, imgs: Tensor, ids_keep: Tensor, explicit_attention: bool) 
     x = torch.cat([cls, x], dim=1)
     for blk in model.blocks:
         h = blk.norm1(x)
-        x = x + (_explicit_attention(blk.attn, h) if explicit_attention else blk.attn(h))
+        x = x + (_explicit_attention if explicit_attention else _sdpa_attention)(blk.attn, h)
         x = x + blk.mlp(blk.norm2(x))
     return model.norm(x)
 
@@ -206,22 +216,47 @@ def build(spec: Spec):
     return model, _two_pass_step(spec, model, imgs, is_forget, plain=spec.provider == "pytorch")
 
 
-def measure(spec: Spec) -> dict:
-    """ms per step and peak memory of one provider (call it in a fresh process: see run)."""
+ROUNDS = 5  # timing rounds; in each, every provider takes its turn
+
+
+def _built(spec: Spec):
+    """(step, info): spec's step, built and warmed, with its FLOPs and, on CUDA, its peak memory."""
     device = torch.device(spec.device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-        model, step = build(spec)
-        ms = median_ms(step, device, warmup=3, reps=spec.reps, min_time_s=spec.min_time_s)
-        peak = torch.cuda.max_memory_allocated(device)
-    else:
-        with cpu_allocations() as peak_of:
-            model, step = build(spec)
-            for _ in range(2):
-                step()
-        peak = peak_of()
-        ms = median_ms(step, device, warmup=1, reps=spec.reps, min_time_s=spec.min_time_s)
-    return {"ms": ms, "peak_mb": peak / 2**20, "flops": step_flops(model, spec.batch, spec.mask_ratio)}
+    model, step = build(spec)
+    for _ in range(3):
+        step()
+    sync(device)
+    info = {"flops": step_flops(model, spec.batch, spec.mask_ratio)}
+    if device.type == "cuda":
+        info["peak_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+    return step, info
+
+
+def _cpu_peak_mb(spec: Spec) -> float:
+    """The CPU peak of building spec and two steps (call it in a process of its own: after the
+    profiler has run, its process's ops stay slower, by ~10% here)."""
+    with cpu_allocations() as peak_of:
+        _, step = build(spec)
+        for _ in range(2):
+            step()
+    return peak_of() / 2**20
+
+
+def _serve(spec: Spec, conn) -> None:
+    """One provider's process: builds its step, sends its info (or the error), then times steps for
+    as many seconds as each request asks (median ms per step), until asked None."""
+    try:
+        step, info = _built(spec)
+    except Exception:  # any: the parent raises it, naming the provider
+        conn.send({"error": traceback.format_exc()})
+        return
+    conn.send(info)
+    device = torch.device(spec.device)
+    reps = max(2, spec.reps // ROUNDS)
+    while (seconds := conn.recv()) is not None:
+        conn.send(median_ms(step, device, warmup=1, reps=reps, min_time_s=seconds))
 
 
 @contextlib.contextmanager
@@ -243,12 +278,39 @@ def cpu_allocations():
 
 
 def run(specs: list[Spec]) -> list[dict]:
-    """Each spec measured in a fresh spawned process, one after the other."""
-    results = []
+    """Each spec built in a fresh spawned process of its own, then timed in ROUNDS rounds where the
+    providers take turns: a machine whose speed wanders during the run (a shared 2-core VM does)
+    slows every provider alike. A provider's time is the median of its rounds' medians."""
+    context = multiprocessing.get_context("spawn")
+    cpu_peaks = {}
     for spec in specs:
-        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-            results.append({"spec": spec, **pool.submit(measure, spec).result()})
-    return results
+        if torch.device(spec.device).type == "cpu":
+            with ProcessPoolExecutor(1, mp_context=context) as pool:
+                cpu_peaks[spec] = pool.submit(_cpu_peak_mb, spec).result()
+    workers = []
+    try:
+        for spec in specs:
+            conn, child = context.Pipe()
+            process = context.Process(target=_serve, args=(spec, child), daemon=True)
+            process.start()
+            info = conn.recv()
+            workers.append((spec, process, conn, info))
+            if "error" in info:
+                raise RuntimeError(f"bench step: provider {spec.name} failed to build:\n{info['error']}")
+        rounds = [[] for _ in workers]
+        for _ in range(ROUNDS):
+            for times, (spec, _, conn, _) in zip(rounds, workers):
+                conn.send(spec.min_time_s / ROUNDS)
+                times.append(conn.recv())
+    finally:
+        for _, process, conn, _ in workers:
+            if process.is_alive():
+                conn.send(None)
+            process.join(timeout=60)
+            if process.is_alive():
+                process.kill()
+    return [{"spec": spec, "ms": statistics.median(times), "peak_mb": cpu_peaks.get(spec), **info}
+            for times, (spec, _, _, info) in zip(rounds, workers)]
 
 
 def rows(results: list[dict], matmul_rate: float, commit: str) -> list[dict]:
