@@ -143,3 +143,16 @@ def test_gpu_kernel_backends_refuse_with_the_reason(name, monkeypatch):
 def test_refuses_invalid_input_by_name(qkv, heads, error, match):
     with pytest.raises(error, match=match):
         qkv_attention(qkv, heads)
+
+
+def test_native_kernel_refuses_tiles_past_its_limits():
+    """The kernel's own check, for callers of the raw op: its tiles are sized for these limits."""
+    from fastforget import native
+
+    raw = native.ops("cpu").qkv_attention_forward
+    raw(torch.zeros(1, attention.CPU_MAX_TOKENS, 3), 1)
+    with pytest.raises(RuntimeError, match=f"up to {attention.CPU_MAX_TOKENS} tokens and head_dim "
+                                           f"{attention.CPU_MAX_HEAD_DIM}, got {attention.CPU_MAX_TOKENS + 1}"):
+        raw(torch.zeros(1, attention.CPU_MAX_TOKENS + 1, 3), 1)
+    with pytest.raises(RuntimeError, match="got 1 and 257"):
+        raw(torch.zeros(1, 1, 3 * (attention.CPU_MAX_HEAD_DIM + 1)), 1)

@@ -72,9 +72,8 @@ inline ivec real_keys(int64_t u, int64_t tokens) {
   return lane + int32_t(u * kLanes) < int32_t(tokens);
 }
 
-// The most key vectors and feature vectors a pair may have: tiles stay in L1/L2; longer
-// sequences are flash attention's work (the op sends them to torch's).
-constexpr int64_t kMaxKeyVecs = 32, kMaxFeatureVecs = 16;
+// The most key and feature vectors a pair may have (attention.h's limits, in vectors).
+constexpr int64_t kMaxKeyVecs = kAttentionMaxTokens / kLanes, kMaxFeatureVecs = kAttentionMaxHeadDim / kLanes;
 
 // One pair's sizes; HV, NV > 0 fix them at compile time (then the row loops unroll and the row
 // vectors live in registers), 0 takes them from the arguments.
@@ -97,16 +96,6 @@ struct Tiles {
 
 // Part `part` (0 q, 1 k, 2 v) of a pair, times scale, as float rows (tokens, 16 hv) and, when
 // cols is given, also as columns (16 hv, 16 nv); the padding is left as it is (zero).
-// Asks for the next pair's rows while this one computes: a pair's 3 * tokens rows are a cache
-// line or two each, scattered 3 dim apart, which the hardware prefetchers do not follow.
-template <typename T, typename W>
-void prefetch_pair(const T* src, const W& w) {
-  for (int64_t t = 0; t < w.tokens; ++t)
-    for (int64_t part = 0; part < 3; ++part)
-      for (int64_t d = 0; d < w.head_dim; d += 64 / int64_t(sizeof(T)))
-        __builtin_prefetch(src + t * w.row + part * w.dim + d);
-}
-
 template <typename T, typename W>
 void load(const T* src, const W& w, int64_t part, float scale, vec* rows, vec* cols = nullptr) {
   float* r = reinterpret_cast<float*>(rows);
@@ -163,7 +152,6 @@ void forward_impl(const AttentionArgs& a, int64_t pair_begin, int64_t pair_end) 
   T* out = static_cast<T*>(a.out);
   for (int64_t pair = pair_begin; pair < pair_end; ++pair) {
     const T* src = qkv + w.qkv0(a, pair);
-    if (pair + 1 < pair_end) prefetch_pair(qkv + w.qkv0(a, pair + 1), w);
     load(src, w, 0, a.scale, q);
     load(src, w, 1, 1.0f, k, kt);
     load(src, w, 2, 1.0f, v);
@@ -216,7 +204,6 @@ void backward_impl(const AttentionArgs& a, int64_t pair_begin, int64_t pair_end)
   T* grad = static_cast<T*>(a.grad_qkv);
   for (int64_t pair = pair_begin; pair < pair_end; ++pair) {
     const T* src = qkv + w.qkv0(a, pair);
-    if (pair + 1 < pair_end) prefetch_pair(qkv + w.qkv0(a, pair + 1), w);
     load(src, w, 0, a.scale, q);
     load(src, w, 1, 1.0f, k, kt);
     load(src, w, 2, 1.0f, v, vt);

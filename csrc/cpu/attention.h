@@ -16,6 +16,10 @@
 
 namespace fastforget {
 
+// The longest sequence and widest head the kernel takes: a pair's tiles stay in L1/L2, and longer
+// sequences are flash attention's work (the op sends them to torch's). Multiples of 16.
+constexpr int64_t kAttentionMaxTokens = 512, kAttentionMaxHeadDim = 256;
+
 struct AttentionArgs {
   const void* qkv; DType dtype;  // every tensor but lse has this dtype
   void* out;                     // written by forward, read by backward

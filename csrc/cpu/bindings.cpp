@@ -143,6 +143,9 @@ AttentionArgs attention_args(const at::Tensor& qkv, int64_t heads) {
   TORCH_CHECK(qkv.dim() == 3 && qkv.is_contiguous() && heads > 0 && qkv.size(2) % (3 * heads) == 0,
               "qkv must be contiguous (B, T, 3 * heads * head_dim) with heads = ", heads, ", got ", qkv.sizes());
   const int64_t head_dim = qkv.size(2) / (3 * heads);
+  TORCH_CHECK(qkv.size(1) <= kAttentionMaxTokens && head_dim <= kAttentionMaxHeadDim,
+              "qkv: the CPU kernel takes up to ", kAttentionMaxTokens, " tokens and head_dim ", kAttentionMaxHeadDim,
+              ", got ", qkv.size(1), " and ", head_dim);
   return AttentionArgs{qkv.data_ptr(), dtype_of(qkv, "qkv"), nullptr, nullptr, nullptr, nullptr,
                        qkv.size(0), qkv.size(1), heads, head_dim, float(1.0 / std::sqrt(double(head_dim)))};
 }

@@ -27,11 +27,13 @@ LARGE = [
     ("patch", "bfloat16", (256, 224, 16, 1024, 0.75)),
     ("patch", "bfloat16", (256, 224, 16, 768, 0.75)),
     ("patch", "float32", (256, 224, 16, 1024, 0.75)),
-    ("attention", "bfloat16", (256, 50, 16, 64)),
-    ("attention", "bfloat16", (256, 50, 12, 64)),
     ("teacher", "float32", (256, 224)),
     ("teacher", "bfloat16", (256, 256)),
     ("teacher", "float32", (1024, 224)),
+    # last: the suite's time limit cuts these first (each compiles eager attention); on GPUs the op
+    # is torch's SDPA, measured for the dispatcher's record, not a fastforget kernel
+    ("attention", "bfloat16", (256, 50, 16, 64)),
+    ("attention", "bfloat16", (256, 50, 12, 64)),
 ]
 SMALL = [
     ("loss", "float32", ((64, *MAE_L),)),
