@@ -7,11 +7,12 @@ from fastforget.ops import attention, backends, qkv_attention, reference
 BACKENDS = [pytest.param("cpu", "cpu", id="cpu"), pytest.param("torch", "cpu", id="torch-cpu"),
             pytest.param("torch", "cuda", id="torch-cuda", marks=pytest.mark.gpu)]
 
-# (batch, tokens, heads, head_dim): MAE's digits (17, 16) and ViT-B/L (50, 64) tiles, one token,
-# one feature, head_dim off the 16-lane vectors, tokens on and across vector boundaries, and the
+# (batch, tokens, heads, head_dim): the compile-time tiles (the digits model's encoder, 17 x 16,
+# and decoder, 65 x 16; 49-64 tokens of up to 16 features; ViT-B/L's 50 x 64), one token, one
+# feature, head_dim off the 16-lane vectors, tokens on and across vector boundaries, and the
 # run-time-sized path.
-SHAPES = [(3, 17, 4, 16), (2, 50, 2, 64), (1, 1, 1, 1), (2, 5, 3, 8), (2, 33, 3, 20), (1, 16, 2, 16),
-          (2, 32, 1, 32), (1, 70, 2, 40), (1, 3, 1, 130)]
+SHAPES = [(3, 17, 4, 16), (2, 65, 4, 16), (1, 60, 2, 5), (2, 50, 2, 64), (1, 1, 1, 1), (2, 5, 3, 8),
+          (2, 33, 3, 20), (1, 16, 2, 16), (2, 32, 1, 32), (1, 70, 2, 40), (1, 3, 1, 130), (1, 81, 1, 16)]
 
 
 def make(batch, tokens, heads, head_dim, device="cpu", scale=1.0):

@@ -85,3 +85,8 @@ def test_bench_ops_sweeps_and_plots(tmp_path, monkeypatch, capsys):
     assert all(float(r["ms"]) > 0 and float(r["ceiling"]) > 0 for r in rows)
     assert (tmp_path / "ops.png").stat().st_size > 0
     assert "copy bandwidth" in capsys.readouterr().out
+
+
+def test_bench_step_names_what_failed_in_a_provider_process():
+    with pytest.raises((RuntimeError, ValueError), match="unknown model 'nope'"):
+        bench_step.run([bench_step.Spec("reference", "nope", 2, 0.75, "cpu", min_time_s=0)])

@@ -112,6 +112,14 @@ void load(const T* src, const W& w, int64_t part, float scale, vec* rows, vec* c
     for (int64_t d = 0; d < w.head_dim; ++d) c[d * col_stride + t] = r[t * row_stride + d];
 }
 
+// A pair's q (times scale), k and v as float rows; k also as columns, v too when vt is given.
+template <typename T, typename W>
+void load_pair(const T* src, const W& w, float scale, vec* q, vec* k, vec* kt, vec* v, vec* vt) {
+  load(src, w, 0, scale, q);
+  load(src, w, 1, 1.0f, k, kt);
+  load(src, w, 2, 1.0f, v, vt);
+}
+
 template <typename T>
 void store(const vec* v, float scale, int64_t n, T* dst) {
   const float* f = reinterpret_cast<const float*>(v);
@@ -151,10 +159,7 @@ void forward_impl(const AttentionArgs& a, int64_t pair_begin, int64_t pair_end) 
   const T* qkv = static_cast<const T*>(a.qkv);
   T* out = static_cast<T*>(a.out);
   for (int64_t pair = pair_begin; pair < pair_end; ++pair) {
-    const T* src = qkv + w.qkv0(a, pair);
-    load(src, w, 0, a.scale, q);
-    load(src, w, 1, 1.0f, k, kt);
-    load(src, w, 2, 1.0f, v);
+    load_pair(qkv + w.qkv0(a, pair), w, a.scale, q, k, kt, v, nullptr);
     for (int64_t i = 0; i < n; i += RB) {
       scores<RB>(q + i * hv, kt, w, s);
       vec top[RB], total[RB];
@@ -203,10 +208,7 @@ void backward_impl(const AttentionArgs& a, int64_t pair_begin, int64_t pair_end)
   const T* out = static_cast<const T*>(a.out);
   T* grad = static_cast<T*>(a.grad_qkv);
   for (int64_t pair = pair_begin; pair < pair_end; ++pair) {
-    const T* src = qkv + w.qkv0(a, pair);
-    load(src, w, 0, a.scale, q);
-    load(src, w, 1, 1.0f, k, kt);
-    load(src, w, 2, 1.0f, v, vt);
+    load_pair(qkv + w.qkv0(a, pair), w, a.scale, q, k, kt, v, vt);
     // dO as rows like q's (the row stride is dim, not 3 dim: the layout's row is overridden)
     W wo = w;
     wo.row = w.dim;
@@ -259,15 +261,28 @@ void backward_impl(const AttentionArgs& a, int64_t pair_begin, int64_t pair_end)
   }
 }
 
-// Calls Fn<T, HV, NV, RB>::run with compile-time tile sizes for MAE's common shapes (digits: 17
-// tokens, head_dim 16; ViT-B/L: 50 tokens, head_dim 64), else with run-time ones. RB: as many
-// query rows as the row vectors of scores and outputs leave registers for (32 on AVX-512).
+// Fn<T, 1, nv, 4>::run for a pair of one feature vector (head_dim <= 16) and nv key vectors,
+// nv = 1 .. NV, with the sizes fixed at compile time; the run-time-sized kernel past NV.
+template <template <typename, int, int, int> class Fn, typename T, int NV>
+void dispatch_keys(const AttentionArgs& a, int64_t nv, int64_t pair_begin, int64_t pair_end) {
+  if constexpr (NV > 0) {
+    if (nv == NV) return Fn<T, 1, NV, 4>::run(a, pair_begin, pair_end);
+    dispatch_keys<Fn, T, NV - 1>(a, nv, pair_begin, pair_end);
+  } else {
+    Fn<T, 0, 0, 2>::run(a, pair_begin, pair_end);
+  }
+}
+
+// Calls Fn<T, HV, NV, RB>::run with compile-time tile sizes for MAE's common shapes, else with
+// run-time ones: heads of up to 16 features with up to 80 tokens (the digits model: 17 tokens in
+// the encoder, 65 in the decoder), and ViT-B/L's 50 tokens of 64 features. RB: as many query rows
+// as the row vectors of scores and outputs leave registers for (32 on AVX-512).
 template <template <typename, int, int, int> class Fn>
 void dispatch(const AttentionArgs& a, int64_t pair_begin, int64_t pair_end) {
   dispatch_dtype(a.dtype, [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
     const int64_t hv = vecs(a.head_dim), nv = vecs(a.tokens);
-    if (hv == 1 && nv == 2) Fn<T, 1, 2, 4>::run(a, pair_begin, pair_end);
+    if (hv == 1) dispatch_keys<Fn, T, 5>(a, nv, pair_begin, pair_end);
     else if (hv == 4 && nv == 4) Fn<T, 4, 4, 4>::run(a, pair_begin, pair_end);
     else Fn<T, 0, 0, 2>::run(a, pair_begin, pair_end);
   });

@@ -16,7 +16,7 @@ On the CPU there is no autocast for any provider (bf16 autocast is slower than f
 Each provider runs in a fresh process of its own; the providers take turns in timing rounds (see
 run). Peak memory: the most bytes allocated at once, model,
 teacher, optimizer state and activations (CUDA's allocator statistics; on the CPU, the profiler's
-allocator events over building and two steps). FLOPs are the
+allocator events over building and two steps, in a process of its own). FLOPs are the
 method's (student forward and backward, one teacher forward), the same count for every provider,
 so model FLOP utilisation (MFU) compares like with like, against the matmul rate measured in the
 same run.
@@ -277,6 +277,15 @@ def cpu_allocations():
                    if e.get("name") == "[memory]" and e["args"].get("Device Type") == 0), default=0)
 
 
+def _reply(spec: Spec, process, conn):
+    """A provider process's next message; its death is an error that names the provider."""
+    try:
+        return conn.recv()
+    except EOFError:
+        process.join(timeout=10)
+        raise RuntimeError(f"bench step: provider {spec.name}'s process died (exit code {process.exitcode})") from None
+
+
 def run(specs: list[Spec]) -> list[dict]:
     """Each spec built in a fresh spawned process of its own, then timed in ROUNDS rounds where the
     providers take turns: a machine whose speed wanders during the run (a shared 2-core VM does)
@@ -293,15 +302,15 @@ def run(specs: list[Spec]) -> list[dict]:
             conn, child = context.Pipe()
             process = context.Process(target=_serve, args=(spec, child), daemon=True)
             process.start()
-            info = conn.recv()
+            info = _reply(spec, process, conn)
             workers.append((spec, process, conn, info))
             if "error" in info:
                 raise RuntimeError(f"bench step: provider {spec.name} failed to build:\n{info['error']}")
         rounds = [[] for _ in workers]
         for _ in range(ROUNDS):
-            for times, (spec, _, conn, _) in zip(rounds, workers):
+            for times, (spec, process, conn, _) in zip(rounds, workers):
                 conn.send(spec.min_time_s / ROUNDS)
-                times.append(conn.recv())
+                times.append(_reply(spec, process, conn))
     finally:
         for _, process, conn, _ in workers:
             if process.is_alive():
