@@ -236,7 +236,7 @@ def _built(spec: Spec):
 
 def _cpu_peak_mb(spec: Spec) -> float:
     """The CPU peak of building spec and two steps (call it in a process of its own: after the
-    profiler has run, its process's ops stay slower, by ~10% here)."""
+    profiler has run, its process's ops run 10-15% off, faster or slower by provider)."""
     with cpu_allocations() as peak_of:
         _, step = build(spec)
         for _ in range(2):
