@@ -157,3 +157,16 @@ def test_native_kernel_refuses_tiles_past_its_limits():
         raw(torch.zeros(1, attention.CPU_MAX_TOKENS + 1, 3), 1)
     with pytest.raises(RuntimeError, match="got 1 and 257"):
         raw(torch.zeros(1, 1, 3 * (attention.CPU_MAX_HEAD_DIM + 1)), 1)
+
+
+def test_compiled_attention_follows_changing_sequence_lengths():
+    """Pretraining's task masks change the kept tokens from step to step: torch.compile then
+    makes the length dynamic, and the backend choice must not pin it."""
+    compiled = torch.compile(lambda x: qkv_attention(x, 2), fullgraph=True)
+    for tokens in (5, 7, 9, 11):
+        qkv = make(2, tokens, 2, 4).float().requires_grad_()
+        out = compiled(qkv)
+        torch.testing.assert_close(out.double(), reference.qkv_attention(qkv.detach().double(), 2),
+                                   rtol=1e-5, atol=1e-5)
+        out.sum().backward()
+        assert qkv.grad.shape == qkv.shape

@@ -29,7 +29,7 @@ def measure(batch: int, tokens: int, heads: int, head_dim: int, dtype: torch.dty
     providers.update(harness.backend_providers(
         device, lambda name: step(lambda x, h: qkv_attention(x, h, backend=name))))
     for name in backends.BACKENDS:  # backends that run here but not attention (no GPU kernel): why
-        refused = attention._not_supported(name, tokens, head_dim)
+        refused = attention.not_supported(name, attention.cpu_refusal(qkv, heads))
         if refused and not isinstance(providers[name], str):
             providers[name] = "; ".join(refused)
     flops = 3 * 4 * batch * tokens * tokens * heads * head_dim

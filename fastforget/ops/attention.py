@@ -33,7 +33,7 @@ def qkv_attention(qkv: Tensor, num_heads: int, *, backend: Optional[str] = None)
     of the unbound, transposed q, k, v, transposed back and flattened.
     """
     _check(qkv, num_heads)
-    name = _backend(backends.requested_backend(backend), str(qkv.device), qkv.shape[1], qkv.shape[2] // (3 * num_heads))
+    name = _backend(backends.requested_backend(backend), str(qkv.device), cpu_refusal(qkv, num_heads))
     if name == "torch":
         return _torch_impl(qkv, num_heads)
     return torch.ops.fastforget.qkv_attention(qkv, num_heads, name)[0]
@@ -51,26 +51,33 @@ def _check(qkv, num_heads) -> None:
                          f"num_heads = {num_heads}, got {tuple(qkv.shape)}")
 
 
+def cpu_refusal(qkv: Tensor, num_heads: int) -> str:
+    """Why the CPU kernel cannot take qkv's shape ('' when it can). Under torch.compile the
+    comparisons are guards, so dynamic sequence lengths stay dynamic."""
+    tokens, head_dim = qkv.shape[1], qkv.shape[2] // (3 * num_heads)
+    reasons = []
+    if tokens > CPU_MAX_TOKENS:
+        reasons.append(f"{tokens} tokens: the kernel is for sequences up to {CPU_MAX_TOKENS} "
+                       f"(longer ones are flash attention's work: backend 'torch')")
+    if head_dim > CPU_MAX_HEAD_DIM:
+        reasons.append(f"head_dim {head_dim}: the kernel takes up to {CPU_MAX_HEAD_DIM}")
+    return "; ".join(reasons)
+
+
 # Chosen outside the custom op, since the torch backend is plain autograd (flash attention's own
 # backward); torch.compile takes the choice as a constant instead of tracing the backend checks.
 @torch.compiler.assume_constant_result
-def _backend(requested: str, device: str, tokens: int, head_dim: int) -> str:
+def _backend(requested: str, device: str, cpu_refusal: str) -> str:
     return backends.select("qkv_attention", requested, torch.device(device),
-                           lambda name: _not_supported(name, tokens, head_dim))
+                           lambda name: not_supported(name, cpu_refusal))
 
 
-def _not_supported(name: str, tokens: int, head_dim: int) -> list[str]:
+def not_supported(name: str, cpu_refusal: str) -> list[str]:
+    """Why backend `name` refuses attention on these inputs (empty when it takes them)."""
     if name in ("cuda", "triton"):
         return [f"no {name} kernel for attention: torch's scaled_dot_product_attention (FlashAttention, "
                 f"cuDNN) is the fast path on GPUs (backend 'torch')"]
-    reasons = []
-    if name == "cpu":
-        if tokens > CPU_MAX_TOKENS:
-            reasons.append(f"{tokens} tokens: the kernel is for sequences up to {CPU_MAX_TOKENS} "
-                           f"(longer ones are flash attention's work: backend 'torch')")
-        if head_dim > CPU_MAX_HEAD_DIM:
-            reasons.append(f"head_dim {head_dim}: the kernel takes up to {CPU_MAX_HEAD_DIM}")
-    return reasons
+    return [cpu_refusal] if name == "cpu" and cpu_refusal else []
 
 
 def _torch_impl(qkv: Tensor, num_heads: int) -> Tensor:
