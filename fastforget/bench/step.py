@@ -318,7 +318,7 @@ def run(specs: list[Spec]) -> list[dict]:
             process.join(timeout=60)
             if process.is_alive():
                 process.kill()
-    return [{"spec": spec, "ms": statistics.median(times), "peak_mb": cpu_peaks.get(spec), **info}
+    return [{"spec": spec, "ms": statistics.median(times), "rounds": times, "peak_mb": cpu_peaks.get(spec), **info}
             for times, (spec, _, _, info) in zip(rounds, workers)]
 
 
@@ -331,15 +331,18 @@ def rows(results: list[dict], matmul_rate: float, commit: str) -> list[dict]:
         out.append({"provider": s.name, "model": s.model, "batch": s.batch, "device": s.device,
                     "ms_per_step": r["ms"], "images_per_s": s.batch / (r["ms"] * 1e-3), "speedup": base / r["ms"],
                     "peak_mem_mb": r["peak_mb"], "mfu": r["flops"] / (r["ms"] * 1e-3) / (matmul_rate * 1e12),
-                    "commit": commit, "date": date})
+                    "commit": commit, "date": date, "rounds": r.get("rounds", [r["ms"]])})
     return out
 
 
 def format_table(title: str, table: list[dict]) -> str:
-    lines = [title, f"{'provider':<20} {'ms/step':>9} {'images/s':>9} {'speedup':>8} {'peak MB':>9} {'MFU':>6}"]
+    """The table; `rounds` is the range of the timing rounds' medians (ms/step): how much the
+    machine wandered while this provider was timed."""
+    lines = [title, f"{'provider':<20} {'ms/step':>9} {'images/s':>9} {'speedup':>8} {'peak MB':>9} {'MFU':>6} "
+                    f"{'rounds':>15}"]
     for r in table:
         lines.append(f"{r['provider']:<20} {r['ms_per_step']:9.2f} {r['images_per_s']:9.1f} {r['speedup']:7.2f}x "
-                     f"{r['peak_mem_mb']:9.1f} {100 * r['mfu']:5.1f}%")
+                     f"{r['peak_mem_mb']:9.1f} {100 * r['mfu']:5.1f}% {min(r['rounds']):7.2f}-{max(r['rounds']):.2f}")
     return "\n".join(lines)
 
 
