@@ -31,6 +31,10 @@ def _each_op(backend, device):
     out += [tokens, *torch.autograd.grad(tokens.square().sum(), (weight, pos, cls))]
     out.append(fastforget.make_teacher_batch(images, is_forget, generator=torch.Generator(device).manual_seed(3),
                                              backend=backend))
+    if device == "cpu" and backend in ("cpu", "torch"):  # attention's own kernel is the CPU's; GPUs run torch's SDPA
+        qkv = torch.randn(6, 17, 48, generator=gen).requires_grad_()
+        attended = fastforget.ops.qkv_attention(qkv, 2, backend=backend)
+        out += [attended, torch.autograd.grad(attended.square().sum(), qkv)[0]]
     return out
 
 
