@@ -88,3 +88,16 @@ def test_patch_embed_gathers_past_2_31(backend, device):
     want = reference.masked_patch_embed(images[-1:].float(), weight.float(), None, pos.float(), ids_keep[-1:])
     torch.testing.assert_close(got[-1:].float(), want, rtol=2e-2, atol=2e-2)
     assert not got[-2].any()
+
+
+@needs_memory
+def test_attention_reads_and_writes_past_2_31():
+    """qkv of 2^31 + elements (16 tokens, one head of 16): the last image's pair starts past 2^31."""
+    tokens, width = 16, 48
+    images = (1 << 31) // (tokens * width) + 1
+    qkv = zeros(images, tokens, width, device="cpu")
+    last = torch.randn(1, tokens, width, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    qkv[-1] = last[0]
+    out = fastforget.ops.qkv_attention(qkv, 1, backend="cpu")
+    torch.testing.assert_close(out[-1:].float(), reference.qkv_attention(last.float(), 1), rtol=2e-2, atol=2e-2)
+    assert not out[-2].any()  # zeros attend uniformly to zero values
