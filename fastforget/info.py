@@ -29,9 +29,9 @@ def report() -> str:
     for name in backends.BACKENDS:
         why = backends.unavailable_reason(name)
         lines.append(f"  {name:<7} {'available' if why is None else 'unavailable: ' + why}")
-    lines.append("ops: unlearn_loss, masked_patch_embed, make_teacher_batch on every backend; qkv_attention on cpu "
-                 f"(up to {attention.CPU_MAX_TOKENS} tokens) and torch (scaled_dot_product_attention: the GPU path)")
     why = native.unavailable_reason("cuda") if not torch.cuda.is_available() else None
     if not torch.cuda.is_available():
         lines.append(f"  (cuda extension build: {'ok' if why is None else why})")
+    lines.append("ops: unlearn_loss, masked_patch_embed, make_teacher_batch on every backend; qkv_attention on cpu "
+                 f"(up to {attention.CPU_MAX_TOKENS} tokens) and torch (scaled_dot_product_attention: the GPU path)")
     return "\n".join(lines)
