@@ -79,11 +79,13 @@ constexpr int64_t kMaxKeyVecs = kAttentionMaxTokens / kLanes, kMaxFeatureVecs = 
 // vectors live in registers), 0 takes them from the arguments.
 template <int HV, int NV>
 struct Tiles {
-  static constexpr int kNV = NV, kHV = HV;  // 0: known at run time only
   static constexpr int kMaxNV = NV ? NV : kMaxKeyVecs, kMaxHV = HV ? HV : kMaxFeatureVecs;
-  int64_t tokens, head_dim, hv, nv, dim, row;
+  int64_t tokens, head_dim, hv_, nv_, dim, row;
+  // Feature and key vectors: the template's constants when fixed (so loops over them unroll).
+  int64_t hv() const { return HV ? HV : hv_; }
+  int64_t nv() const { return NV ? NV : nv_; }
   explicit Tiles(const AttentionArgs& a)
-      : tokens(a.tokens), head_dim(a.head_dim), hv(HV ? HV : vecs(a.head_dim)), nv(NV ? NV : vecs(a.tokens)),
+      : tokens(a.tokens), head_dim(a.head_dim), hv_(vecs(a.head_dim)), nv_(vecs(a.tokens)),
         dim(a.heads * a.head_dim), row(3 * a.heads * a.head_dim) {}
   // Element offsets in qkv of the pair's q row 0 (k at + dim, v at + 2 dim; rows row apart) and in out.
   int64_t qkv0(const AttentionArgs& a, int64_t pair) const {
@@ -99,7 +101,7 @@ struct Tiles {
 template <typename T, typename W>
 void load(const T* src, const W& w, int64_t part, float scale, vec* rows, vec* cols = nullptr) {
   float* r = reinterpret_cast<float*>(rows);
-  const int64_t row_stride = w.hv * kLanes, col_stride = w.nv * kLanes;
+  const int64_t row_stride = w.hv() * kLanes, col_stride = w.nv() * kLanes;
   for (int64_t t = 0; t < w.tokens; ++t) {
     const T* __restrict__ x = src + t * w.row + part * w.dim;
     float* __restrict__ rt = r + t * row_stride;
@@ -133,7 +135,7 @@ void store(const vec* v, float scale, int64_t n, T* dst) {
 template <int RB, typename W>
 inline void scores(const vec* q, const vec* kt, const W& w, vec (*s)[W::kMaxNV]) {
   const float* qf = reinterpret_cast<const float*>(q);
-  const int64_t nv = W::kNV ? W::kNV : w.nv, stride = (W::kHV ? W::kHV : w.hv) * kLanes;  // constants, when fixed
+  const int64_t nv = w.nv(), stride = w.hv() * kLanes;
   vec acc[RB][W::kMaxNV];
   for (int r = 0; r < RB; ++r)
     for (int64_t u = 0; u < nv; ++u) acc[r][u] = vec{};
@@ -152,7 +154,7 @@ template <typename T, int HV, int NV, int RB>
 void forward_impl(const AttentionArgs& a, int64_t pair_begin, int64_t pair_end) {
   using W = Tiles<HV, NV>;
   const W w(a);
-  const int64_t n = w.tokens, hv = HV ? HV : w.hv, nv = NV ? NV : w.nv, rows = (n + RB - 1) / RB * RB;
+  const int64_t n = w.tokens, hv = w.hv(), nv = w.nv(), rows = (n + RB - 1) / RB * RB;
   std::vector<vec> work(3 * rows * hv + hv * kLanes * nv, vec{});  // zeros: the padding stays zero
   vec *q = work.data(), *k = q + rows * hv, *v = k + rows * hv, *kt = v + rows * hv;
   vec s[RB][W::kMaxNV], o[RB][W::kMaxHV];
@@ -198,7 +200,7 @@ template <typename T, int HV, int NV, int RB>
 void backward_impl(const AttentionArgs& a, int64_t pair_begin, int64_t pair_end) {
   using W = Tiles<HV, NV>;
   const W w(a);
-  const int64_t n = w.tokens, hv = HV ? HV : w.hv, nv = NV ? NV : w.nv, rows = (n + RB - 1) / RB * RB;
+  const int64_t n = w.tokens, hv = w.hv(), nv = w.nv(), rows = (n + RB - 1) / RB * RB;
   std::vector<vec> work(2 * rows * hv + 4 * n * hv + 2 * hv * kLanes * nv, vec{});
   vec *q = work.data(), *go = q + rows * hv, *k = go + rows * hv, *v = k + n * hv, *dk = v + n * hv;
   vec *dv = dk + n * hv, *kt = dv + n * hv, *vt = kt + hv * kLanes * nv;

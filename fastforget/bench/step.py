@@ -41,6 +41,7 @@ from torch.nn import functional as F
 
 from ..models import create_mae
 from ..ops import reference
+from ..ops.attention import sdpa_attention
 from ..train.loop import Dist, make_optimizer, optimizer_step, param_groups, step_generator
 from ..train.unlearn import UnlearnConfig, unlearning_step
 from . import harness, plot
@@ -95,22 +96,6 @@ def step_flops(model, batch: int, mask_ratio: float) -> float:
 
 # -- MAE as the reference code runs it ----------------------------------------------------------
 
-def _explicit_attention(attn, x: Tensor) -> Tensor:
-    """timm 0.3's Attention.forward: q k^T * scale, softmax, times v."""
-    batch, tokens, dim = x.shape
-    heads = attn.num_heads
-    q, k, v = attn.qkv(x).reshape(batch, tokens, 3, heads, dim // heads).permute(2, 0, 3, 1, 4)
-    weights = ((q @ k.transpose(-2, -1)) * (dim // heads) ** -0.5).softmax(dim=-1)
-    return attn.proj((weights @ v).transpose(1, 2).reshape(batch, tokens, dim))
-
-
-def _sdpa_attention(attn, x: Tensor) -> Tensor:
-    """Plain PyTorch's attention: scaled_dot_product_attention (no fastforget op)."""
-    batch, tokens, dim = x.shape
-    q, k, v = (t.transpose(1, 2) for t in attn.qkv(x).view(batch, tokens, 3, attn.num_heads, -1).unbind(2))
-    return attn.proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(batch, tokens, dim))
-
-
 def mae_encode(model, imgs: Tensor, ids_keep: Tensor, explicit_attention: bool) -> Tensor:
     """models_mae.py's forward_encoder on given kept ids: every patch embedded, positions added, the
     kept ones gathered, the cls token prepended; no fastforget op."""
@@ -122,7 +107,9 @@ def mae_encode(model, imgs: Tensor, ids_keep: Tensor, explicit_attention: bool) 
     x = torch.cat([cls, x], dim=1)
     for blk in model.blocks:
         h = blk.norm1(x)
-        x = x + (_explicit_attention if explicit_attention else _sdpa_attention)(blk.attn, h)
+        # timm 0.3's explicit softmax (the reference code's), or plain PyTorch's SDPA: no fastforget op
+        attend = reference.qkv_attention if explicit_attention else sdpa_attention
+        x = x + blk.attn.proj(attend(blk.attn.qkv(h), blk.attn.num_heads))
         x = x + blk.mlp(blk.norm2(x))
     return model.norm(x)
 

@@ -35,7 +35,7 @@ def qkv_attention(qkv: Tensor, num_heads: int, *, backend: Optional[str] = None)
     _check(qkv, num_heads)
     name = _backend(backends.requested_backend(backend), str(qkv.device), cpu_refusal(qkv, num_heads))
     if name == "torch":
-        return _torch_impl(qkv, num_heads)
+        return sdpa_attention(qkv, num_heads)
     return torch.ops.fastforget.qkv_attention(qkv, num_heads, name)[0]
 
 
@@ -80,7 +80,8 @@ def not_supported(name: str, cpu_refusal: str) -> list[str]:
     return [cpu_refusal] if name == "cpu" and cpu_refusal else []
 
 
-def _torch_impl(qkv: Tensor, num_heads: int) -> Tensor:
+def sdpa_attention(qkv: Tensor, num_heads: int) -> Tensor:
+    """The torch backend, plain PyTorch: scaled_dot_product_attention on views of qkv."""
     batch, tokens, width = qkv.shape
     # unbind on the qkv axis, then transpose each: backward stacks the three gradients straight
     # into qkv's layout (one pass), where permute(2, 0, 3, 1, 4) adds a strided copy.
