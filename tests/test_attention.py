@@ -40,7 +40,7 @@ def test_matches_the_reference_with_gradients(backend, device, shape):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_low_precision_error_is_within_twice_plain_pytorchs(backend, device, dtype):
     """The flash-attention rule: error against float64 at most twice that of the same-precision
-    explicit softmax (plus a few ulps of slack for ties at tiny errors)."""
+    explicit softmax, plus one ulp of the largest exact value (for ties at tiny errors)."""
     heads = 4
     qkv64 = make(4, 17, heads, 16, device=device).requires_grad_()
     qkv = qkv64.detach().to(dtype).requires_grad_()
@@ -49,12 +49,12 @@ def test_low_precision_error_is_within_twice_plain_pytorchs(backend, device, dty
         reference.qkv_attention(qkv64, heads)
     assert got.dtype == dtype
     eps = torch.finfo(dtype).eps
-    assert (got.double() - exact).abs().max() <= 2 * (plain.double() - exact).abs().max() + 2 * eps
+    assert (got.double() - exact).abs().max() <= 2 * (plain.double() - exact).abs().max() + eps * exact.abs().max()
     upstream = torch.randn(got.shape, device=device, dtype=torch.float64)
     (g,) = torch.autograd.grad(got, qkv, upstream.to(dtype))
     (p,) = torch.autograd.grad(plain, low, upstream.to(dtype))
     (e,) = torch.autograd.grad(exact, qkv64, upstream)
-    assert (g.double() - e).abs().max() <= 2 * (p.double() - e).abs().max() + 8 * eps
+    assert (g.double() - e).abs().max() <= 2 * (p.double() - e).abs().max() + eps * e.abs().max()
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS)

@@ -1,6 +1,7 @@
 """The benchmarks measure what they claim: the reference re-creation computes the model's function,
 FLOPs are counted right, and the commands write their CSV rows and plots."""
 import csv
+import time
 
 import pytest
 import torch
@@ -8,7 +9,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from fastforget import cli
-from fastforget.bench import ops as bench_ops, step as bench_step
+from fastforget.bench import ops as bench_ops, step as bench_step, timing
 from fastforget.models import create_mae
 from fastforget.ops import random_masking
 
@@ -90,3 +91,28 @@ def test_bench_ops_sweeps_and_plots(tmp_path, monkeypatch, capsys):
 def test_bench_step_names_what_failed_in_a_provider_process():
     with pytest.raises((RuntimeError, ValueError), match="unknown model 'nope'"):
         bench_step.run([bench_step.Spec("reference", "nope", 2, 0.75, "cpu", min_time_s=0)])
+
+
+def _host_bound(device):
+    """A call whose host takes ~2 ms and whose GPU work is one tiny kernel."""
+    x = torch.zeros(16, device=device)
+
+    def call():
+        time.sleep(2e-3)
+        x.add_(1)
+    return call
+
+
+def test_median_ms_times_the_call_on_the_cpu():
+    ms = timing.median_ms(_host_bound(torch.device("cpu")), torch.device("cpu"), warmup=1, reps=5, min_time_s=0)
+    assert 1.9 < ms < 20
+
+
+@pytest.mark.gpu
+def test_median_ms_on_cuda_times_the_loop_or_the_gpu_alone():
+    """By default the host's time shows (training waits on it); gpu_only hides it behind a GPU
+    sleep, so a tiny kernel times as a tiny kernel."""
+    device = torch.device("cuda")
+    call = _host_bound(device)
+    assert timing.median_ms(call, device, warmup=1, reps=5, min_time_s=0) > 1.9
+    assert timing.median_ms(call, device, warmup=1, reps=5, min_time_s=0, gpu_only=True) < 0.2

@@ -265,7 +265,7 @@ def teacher_inputs(case):
     return strided(case["shape"], case["dtype"], case["layout"], gen), torch.tensor(case["flags"])
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("backend", [b for b in CPU_BACKENDS if b != "torch"])  # torch's is the reference
 def test_teacher_batch_matches_the_reference(backend):
     @run_settings(backend)
     @given(case=teacher_cases())
@@ -313,7 +313,7 @@ def test_teacher_batch_refuses_invalid_input_by_name(case, pick):
     assert_names(info.value, name)
 
 
-@pytest.mark.parametrize("backend,device", backend_params())
+@pytest.mark.parametrize("backend,device", [p for p in backend_params() if p.values[0] != "torch"])
 @pytest.mark.parametrize("value", [float("nan"), float("inf")])
 @pytest.mark.parametrize("clamp", [None, (0.0, 1.0)])
 def test_teacher_batch_propagates_nan_and_inf_as_the_reference(backend, device, value, clamp):

@@ -9,6 +9,9 @@ from fastforget.ops.teacher_batch import noise_stream
 from conftest import backend_params
 
 BACKENDS = backend_params()
+# The kernels: the torch backend is reference.make_teacher_batch itself, so against the reference
+# it would be compared with itself (it stays in the tests of the op's plumbing).
+KERNELS = [p for p in BACKENDS if p.values[0] != "torch"]
 NOISES = ["normal", "uniform", "constant"]
 
 
@@ -33,7 +36,7 @@ def expected(images, is_forget, noise, clamp, device, seed=1234, first_element=0
     return reference.make_teacher_batch(images, is_forget, noise, clamp, stream)
 
 
-@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("backend,device", KERNELS)
 @pytest.mark.parametrize("noise", NOISES)
 @pytest.mark.parametrize("clamp", [(0.0, 1.0), (0.2, 0.7), None])
 @pytest.mark.parametrize("shape", [(1, 3, 4, 4), (5, 3, 8, 9), (4, 2, 70, 70)])
@@ -48,7 +51,7 @@ def test_matches_reference(backend, device, noise, clamp, shape):
     assert torch.equal(got[retain], images[retain])  # bit for bit
 
 
-@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("backend,device", KERNELS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_low_precision_images(backend, device, dtype):
     images, is_forget = make((4, 3, 16, 16), device, dtype)
@@ -78,7 +81,7 @@ def test_generator_state_decides_the_noise(backend, device):
     assert not torch.equal(a[is_forget], c[is_forget])
 
 
-@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("backend,device", KERNELS)
 def test_shards_draw_the_whole_batch_stream(backend, device):
     """Rows 3.. of a batch, made alone with first_row=3, get the noise the whole batch gives them."""
     images, _ = make((5, 2, 6, 6), device)

@@ -158,13 +158,14 @@ def test_second_backward_through_one_graph_is_refused(backend, device):
         out.retain_loss.backward()
 
 
-@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("backend,device", [p for p in BACKENDS if p.values[0] in ("triton", "cuda")])
 def test_many_rows_count_before_the_kernel(backend, device, monkeypatch):
-    """Large batches count forget rows in a separate pass (Triton and CUDA); same result."""
+    """Large batches count forget rows in a separate pass first (Triton past INLINE_COUNT_MAX_ROWS,
+    CUDA past its compiled-in kInlineCountMaxRows = 4096); same result."""
     from fastforget.kernels import unlearn_loss as kernel
 
-    monkeypatch.setattr(kernel, "INLINE_COUNT_MAX_ROWS", 2)
-    s, r, f, m = make((9, 5), "random", device)
+    monkeypatch.setattr(kernel, "INLINE_COUNT_MAX_ROWS", 2)  # Triton's switch, lowered: the interpreter is slow
+    s, r, f, m = make((9 if backend == "triton" else 4096 + 5, 5), "random", device)
     _, grads = grads_of_each_output(lambda: fastforget.unlearn_loss(s, r, f, m, backend=backend), s)
     _, ref_grads = grads_of_each_output(lambda: UnlearnLossOutput(*reference.unlearn_loss(s, r, f, m)), s)
     for got, want in zip(grads, ref_grads):

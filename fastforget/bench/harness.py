@@ -37,13 +37,14 @@ def backend_providers(device: torch.device, step_for: Callable[[str], Callable[[
 
 
 def run(providers: dict[str, Provider], device: torch.device, work: float, reps: int = 10) -> list[Row]:
-    """Times each provider; rate = work / time (work in GB or TFLOP); the first timed is eager."""
+    """Times each provider (on CUDA the GPU's time alone, the host's dispatch hidden: what the
+    roofline judges); rate = work / time (work in GB or TFLOP); the first timed is eager."""
     rows, eager_ms = [], None
     for name, step in providers.items():
         if isinstance(step, str):
             rows.append(Row(name, note=f"skipped: {step}"))
             continue
-        ms = median_ms(step, device, reps=reps)
+        ms = median_ms(step, device, reps=reps, gpu_only=True)
         eager_ms = eager_ms or ms
         rows.append(Row(name, ms, work / (ms * 1e-3), eager_ms / ms))
     return rows

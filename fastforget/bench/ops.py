@@ -55,8 +55,9 @@ def sweep(sizes: list, device: torch.device, reps: int, csv_path: str | None) ->
         torch._dynamo.reset()  # each shape's torch.compile row is a static graph of its own, not a dynamic recompile
         measured = MEASURE[op](*shape_args, getattr(torch, dtype), device, reps)
         print(measured.table(), end="\n\n", flush=True)
-        if csv_path:
+        if csv_path:  # the plot too, row by row: a run cut short by a time limit still has one
             measured.append_csv(csv_path)
+            draw(csv_path)
         results.append(measured)
     return results
 
@@ -80,5 +81,5 @@ def main(args) -> int:
     size = args.size or ("large" if device.type == "cuda" else "small")
     sweep(LARGE if size == "large" else SMALL, device, args.reps, args.csv)
     if args.csv:
-        print(f"wrote {args.csv} and {draw(args.csv)}")
+        print(f"wrote {args.csv} and {os.path.splitext(args.csv)[0]}.png")
     return 0

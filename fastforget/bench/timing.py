@@ -1,7 +1,14 @@
-"""Timing and ceilings measured in the same run: median times, copy bandwidth.
+"""Timing and ceilings measured in the same run: median times, copy bandwidth, matmul rate.
 
-On CUDA, CUDA events around `reps` calls after warm-up (no host sync inside the timed loop); on
-the CPU, perf_counter per call. Times are medians over repeats, in milliseconds.
+Times are medians over samples, in milliseconds per call. On the CPU a sample is one call timed
+with perf_counter. On CUDA a sample is a burst of back-to-back calls between two CUDA events, with
+no host sync inside, sized to about BURST_MS:
+- by default the time per call is what a training loop gets: the slower of the host's launches and
+  the GPU's work (bench step);
+- with gpu_only, each burst waits behind a GPU sleep long enough for the host to queue all of it,
+  so the time is the GPU's alone, what a kernel is judged by against its roofline (bench ops): an
+  18 us kernel behind 50 us of Python dispatch would otherwise time the dispatch. Back-to-back
+  calls reuse their inputs, so a shape that fits the L2 cache (50 MB on an H200) reads from it.
 """
 from __future__ import annotations
 
@@ -11,6 +18,10 @@ from typing import Callable
 
 import torch
 
+BURST_MS = 1.0  # a CUDA sample's length: enough calls that the events' own cost is lost in it
+MAX_BURST = 64  # calls per CUDA sample at most (the launch queue holds about a thousand kernels)
+SLEEP_CYCLES_PER_MS = 3e6  # GPU clock cycles per ms of host time to cover: 2 GHz, with half again to spare
+
 
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
@@ -18,33 +29,61 @@ def sync(device: torch.device) -> None:
 
 
 def median_ms(fn: Callable[[], object], device: torch.device, warmup: int = 3, reps: int = 10,
-              min_time_s: float = 0.2) -> float:
-    """Median wall time of fn() in ms; more reps (up to 100) while the total stays under min_time_s."""
+              min_time_s: float = 0.2, gpu_only: bool = False) -> float:
+    """Median ms per call of fn() over `reps` samples, more (up to 100) while the total stays
+    under min_time_s; gpu_only: the GPU's time without the host's (CUDA; see the module)."""
     for _ in range(warmup):
         fn()
     sync(device)
+    if device.type == "cuda":
+        host_ms, call_ms = _probe(fn)
+        calls = max(1, min(MAX_BURST, round(BURST_MS / max(call_ms, 1e-3))))
+        sleep_cycles = int(SLEEP_CYCLES_PER_MS * host_ms * calls) if gpu_only else 0
+        sample = lambda: _cuda_burst(fn, calls, sleep_cycles)  # noqa: E731
+    else:
+        sample = lambda: _cpu_call(fn)  # noqa: E731
     times = []
     start_all = time.perf_counter()
     while len(times) < reps or (time.perf_counter() - start_all < min_time_s and len(times) < 100):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
+        times.append(sample())
     return statistics.median(times)
+
+
+def _cpu_call(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t0) * 1e3
+
+
+def _probe(fn) -> tuple[float, float]:
+    """(host ms to queue one call, ms per call from an idle GPU)."""
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    t0 = time.perf_counter()
+    fn()
+    host_ms = (time.perf_counter() - t0) * 1e3
+    end.record()
+    end.synchronize()
+    return host_ms, start.elapsed_time(end)
+
+
+def _cuda_burst(fn, calls: int, sleep_cycles: int) -> float:
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    if sleep_cycles:
+        torch.cuda._sleep(sleep_cycles)  # the GPU waits here while the host queues the burst
+    start.record()
+    for _ in range(calls):
+        fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / calls
 
 
 def copy_bandwidth_gbs(nbytes: int, device: torch.device) -> float:
     """GB/s of dst.copy_(src) for nbytes, counting bytes read plus bytes written."""
     src = torch.ones(max(nbytes // 4, 1), dtype=torch.float32, device=device)
     dst = torch.empty_like(src)
-    ms = median_ms(lambda: dst.copy_(src), device)
+    ms = median_ms(lambda: dst.copy_(src), device, gpu_only=True)
     return 2 * src.numel() * 4 / (ms * 1e-3) / 1e9
 
 
@@ -53,5 +92,5 @@ def matmul_tflops(device: torch.device, dtype: torch.dtype, n: int = 0) -> float
     n = n or (8192 if device.type == "cuda" else 1024)
     a = torch.randn(n, n, device=device).to(dtype)
     b = torch.randn(n, n, device=device).to(dtype)
-    ms = median_ms(lambda: a @ b, device, reps=5)
+    ms = median_ms(lambda: a @ b, device, reps=5, gpu_only=True)
     return 2 * n**3 / (ms * 1e-3) / 1e12
