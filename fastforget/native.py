@@ -122,14 +122,28 @@ def _check_toolchain(name: str) -> None:
             os.environ["TORCH_CUDA_ARCH_LIST"] = "9.0"  # no GPU to ask: build for Hopper
 
 
-@functools.lru_cache(maxsize=None)
+_failures: dict[str, str] = {}  # extension -> why it did not build: asked again, it says so at once
+
+
 def load(name: str) -> str:
     """Build (if needed) and load extension `name`; returns the torch.ops namespace it registered.
 
-    Raises NativeUnavailable with the reason when it cannot be built or loaded.
+    Raises NativeUnavailable with the reason when it cannot be built or loaded; a failure is
+    remembered for the process, so ops that ask again do not rebuild on every call.
     """
     if name not in EXTENSIONS:
         raise ValueError(f"unknown native extension {name!r}; expected one of {EXTENSIONS}")
+    if name in _failures:
+        raise NativeUnavailable(_failures[name])
+    try:
+        return _build_and_load(name)
+    except NativeUnavailable as err:
+        _failures[name] = str(err)
+        raise
+
+
+@functools.lru_cache(maxsize=None)
+def _build_and_load(name: str) -> str:
     namespace = f"fastforget_{name}"
     prebuilt = glob.glob(os.path.join(os.path.dirname(os.path.abspath(__file__)), f"_{name}.*.so"))
     if prebuilt:  # built ahead of time by setup.py

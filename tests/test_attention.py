@@ -132,6 +132,17 @@ def test_gpu_kernel_backends_refuse_with_the_reason(name, monkeypatch):
         qkv_attention(make(1, 4, 1, 4).float(), 1, backend=name)
 
 
+@pytest.mark.parametrize("name", ["cuda", "triton"])
+def test_environment_forcing_a_backend_attention_lacks_leaves_it_automatic(name, monkeypatch):
+    """FASTFORGET_BACKEND=cuda forces the ops that have a cuda kernel; a model's attention still runs."""
+    monkeypatch.setenv("FASTFORGET_BACKEND", name)
+    qkv = make(2, 5, 2, 4).float()
+    torch.testing.assert_close(qkv_attention(qkv, 2), qkv_attention(qkv, 2, backend="cpu"), rtol=0, atol=0)
+    monkeypatch.setenv("FASTFORGET_BACKEND", "cpu")  # one attention has: forced, so its refusal shows
+    with pytest.raises(backends.BackendUnavailable, match="backend 'cpu' was forced"):
+        qkv_attention(make(1, attention.CPU_MAX_TOKENS + 1, 1, 4).float(), 1)
+
+
 @pytest.mark.parametrize("qkv,heads,error,match", [
     (torch.zeros(2, 3, 12), 0, ValueError, "num_heads must be a positive int, got 0"),
     (torch.zeros(2, 3, 12), True, ValueError, "num_heads must be a positive int"),

@@ -72,3 +72,18 @@ def test_cuda_home_follows_an_nvcc_wrapper_script(tmp_path, monkeypatch):
     monkeypatch.delenv("CUDA_PATH", raising=False)
     monkeypatch.setenv("PATH", str(wrapper.parent))
     assert native.cuda_home() == str(toolkit)
+
+
+def test_a_failed_build_is_not_retried_on_every_call(monkeypatch):
+    """Ops ask for their extension on every call: a build that failed once answers at once."""
+    attempts = []
+
+    def failing(name):
+        attempts.append(name)
+        raise native.NativeUnavailable("building the cpu extension failed: error: boom")
+
+    monkeypatch.setattr(native, "_build_and_load", failing)
+    monkeypatch.setattr(native, "_failures", {})
+    for _ in range(3):
+        assert "boom" in native.unavailable_reason("cpu")
+    assert attempts == ["cpu"]

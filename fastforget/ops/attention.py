@@ -33,7 +33,8 @@ def qkv_attention(qkv: Tensor, num_heads: int, *, backend: Optional[str] = None)
     of the unbound, transposed q, k, v, transposed back and flattened.
     """
     _check(qkv, num_heads)
-    name = _backend(backends.requested_backend(backend), str(qkv.device), cpu_refusal(qkv, num_heads))
+    requested = backends.requested_backend(backend, implemented=("cpu", "torch"))
+    name = _backend(requested, str(qkv.device), cpu_refusal(qkv, num_heads))
     if name == "torch":
         return sdpa_attention(qkv, num_heads)
     return torch.ops.fastforget.qkv_attention(qkv, num_heads, name)[0]

@@ -2,7 +2,8 @@
 
 A backend runs an op when it is available here (its toolchain built, its device present) and
 supports the inputs (each op says what it refuses, and why). backend=None takes the first backend
-of AUTO_ORDER for the inputs' device that accepts them; a name, or FASTFORGET_BACKEND, forces one.
+of AUTO_ORDER for the inputs' device that accepts them; a name forces one, and so does
+FASTFORGET_BACKEND for every op that has the backend it names.
 When nothing fits, the error lists every backend tried with its reasons.
 """
 from __future__ import annotations
@@ -74,13 +75,18 @@ def device_reasons(name: str, device: torch.device) -> list[str]:
     return [f"inputs are on {device}, backend {name} runs on {'the CPU' if name == 'cpu' else 'CUDA devices'}"]
 
 
-def requested_backend(backend: str | None) -> str:
-    """The forced backend ('' for automatic) from the argument or FASTFORGET_BACKEND, checked."""
+def requested_backend(backend: str | None, implemented: tuple[str, ...] = BACKENDS) -> str:
+    """The forced backend ('' for automatic) from the argument or FASTFORGET_BACKEND, checked.
+
+    `implemented`: the backends the op has. FASTFORGET_BACKEND forces every op that has the
+    backend it names and leaves the others automatic (a model whose attention has no cuda kernel
+    still runs under FASTFORGET_BACKEND=cuda); the argument forces, or fails with the reasons.
+    """
     name = backend if backend is not None else os.environ.get("FASTFORGET_BACKEND", "")
     if name not in ("",) + BACKENDS:
         source = "backend" if backend is not None else "FASTFORGET_BACKEND"
         raise ValueError(f"{source} must be one of {BACKENDS} or None, got {name!r}")
-    return name
+    return name if backend is not None or name in implemented else ""
 
 
 def select(op: str, requested: str, device: torch.device, reasons: Callable[[str], list[str]]) -> str:
