@@ -82,3 +82,13 @@ def test_load_mae_strict_and_by_name(tmp_path):
     torch.save({"model": state}, broken)
     with pytest.raises(ValueError, match=r"missing keys \['norm.weight'\], unexpected keys \['extra.weight'\]"):
         load_mae(str(broken), "mae_vit_tiny")
+
+
+def test_an_encoder_only_checkpoint_is_named_as_such(tmp_path):
+    """MAE's mae_pretrain_vit_*.pth files hold the encoder alone: the error says which file to use."""
+    state = {k: v for k, v in create_mae("mae_vit_tiny").state_dict().items()
+             if not k.startswith(("decoder", "mask_token"))}
+    path = tmp_path / "mae_pretrain.pth"
+    torch.save({"model": state}, path)
+    with pytest.raises(ValueError, match=r"encoder alone .* mae_visualize_vit_\*\.pth"):
+        load_mae(str(path), "mae_vit_tiny")

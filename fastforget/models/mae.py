@@ -259,6 +259,10 @@ def load_mae(path: str, name: Optional[str] = None, **overrides) -> MaskedAutoen
         raise ValueError(f"{path} does not record its model config; pass name= (one of {sorted(CONFIGS)})")
     model = create_mae(name, **{**config.get("overrides", {}), **overrides})
     missing, unexpected = model.load_state_dict(checkpoint["model"], strict=False)
+    if missing and not unexpected and all(k.startswith(("decoder", "mask_token")) for k in missing):
+        raise ValueError(f"{path} holds {name}'s encoder alone (as MAE's mae_pretrain_vit_*.pth files do): "
+                         f"image-to-image unlearning needs the decoder too, e.g. MAE's mae_visualize_vit_*.pth; "
+                         f"missing keys {missing}")
     if missing or unexpected:
         raise ValueError(f"{path} does not match {name}: missing keys {missing}, unexpected keys {unexpected}")
     return model
