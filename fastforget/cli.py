@@ -148,7 +148,10 @@ def main(argv=None) -> int:
         from .eval.run import evaluate_checkpoints
 
         split = lambda text: tuple(c for c in text.split(",") if c)  # noqa: E731
-        evaluate_checkpoints(dict(pair.split("=", 1) for pair in split(args.models)), args.data,
+        pairs = [pair.split("=", 1) for pair in split(args.models)]
+        if not pairs or any(len(p) != 2 or not all(p) for p in pairs):
+            parser.error(f"--models must be NAME=CHECKPOINT,... (the first the original model), got {args.models!r}")
+        evaluate_checkpoints(dict(pairs), args.data,
                              split(args.forget_classes), split(args.retain_classes),
                              ("inpaint", "outpaint") if args.task == "both" else (args.task,), args.ratio,
                              args.features, args.out)
@@ -156,7 +159,13 @@ def main(argv=None) -> int:
     if args.command == "sweep":
         from .train.sweep import run as run_sweep
 
-        run_sweep(args.out, [float(a) for a in args.forget_weights.split(",") if a], task=args.task)
+        try:
+            weights = [float(a) for a in args.forget_weights.split(",") if a]
+        except ValueError:
+            weights = []
+        if not weights or not all(0 <= w < float("inf") for w in weights):
+            parser.error(f"--forget-weights must be comma-separated numbers >= 0, got {args.forget_weights!r}")
+        run_sweep(args.out, weights, task=args.task)
         return 0
     if args.command == "demo":
         from .train.demo import DemoConfig, run as run_demo

@@ -1,4 +1,6 @@
 """The fastforget command."""
+import pytest
+
 from fastforget import cli
 from fastforget.ops import backends
 
@@ -30,3 +32,30 @@ def test_bench_patch_and_teacher_run(tmp_path, capsys):
     assert "matmul rate" in out and "copy bandwidth" in out
     rows = open(csv).read().splitlines()
     assert any(r.startswith("patch,cpu,") for r in rows) and any(r.startswith("teacher,cpu,") for r in rows)
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["unlearn", "--checkpoint", "x.pt", "--forget-classes", "0", "--batch-size", "0"], r"batch_size \(--batch-size\) must be an int >= 1, got 0"),
+    (["unlearn", "--checkpoint", "x.pt", "--forget-classes", "0", "--accum-steps", "0"], r"accum_steps \(--accum-steps\) must be"),
+    (["pretrain", "--log-every", "0"], r"log_every \(--log-every\) must be an int >= 1"),
+    (["pretrain", "--epochs", "nan"], r"epochs \(--epochs\) must be a finite number > 0"),
+    (["pretrain", "--warmup-fraction", "1"], r"warmup_fraction \(--warmup-fraction\) must be a number in \[0, 1\)"),
+    (["unlearn", "--checkpoint", "x.pt", "--forget-classes", "0", "--forget-weight", "-1"], r"forget_weight \(--forget-weight\)"),
+    (["unlearn", "--checkpoint", "x.pt", "--forget-classes", "0", "--mask-ratio", "1"], r"mask_ratio \(--mask-ratio\)"),
+])
+def test_bad_training_settings_are_named_before_any_work(argv, match):
+    """Checked when the config is made: no checkpoint is read, no data loaded."""
+    with pytest.raises(ValueError, match=match):
+        cli.main(argv)
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["eval", "--models", "a.pt", "--forget-classes", "0", "--retain-classes", "1"], "--models must be NAME=CHECKPOINT"),
+    (["eval", "--models", "=a.pt", "--forget-classes", "0", "--retain-classes", "1"], "--models must be NAME=CHECKPOINT"),
+    (["sweep", "--forget-weights", "0.1,a"], "--forget-weights must be comma-separated numbers >= 0"),
+    (["sweep", "--forget-weights", "-0.5"], "--forget-weights must be comma-separated numbers >= 0"),
+])
+def test_malformed_lists_are_usage_errors_that_name_the_flag(argv, match, capsys):
+    with pytest.raises(SystemExit) as info:
+        cli.main(argv)
+    assert info.value.code == 2 and match in capsys.readouterr().err

@@ -187,7 +187,9 @@ def _good():
 BAD = [
     (dict(images=torch.rand(3, 32, 48)), ValueError, r"images must be \(B, C, H, W\)"),
     (dict(images=torch.rand(3, 3, 30, 48)), ValueError, "multiples of the patch size 16"),
-    (dict(weight=torch.rand(40, 2, 16, 16)), ValueError, r"weight must be \(D, C, p, p\) with C = 3"),
+    (dict(weight=torch.rand(40, 2, 16, 16)), ValueError, r"weight must be \(D, C, p, p\) with D, p >= 1 and C = 3"),
+    (dict(weight=torch.rand(40, 3, 0, 0)), ValueError, r"weight must be \(D, C, p, p\) with D, p >= 1"),
+    (dict(weight=torch.rand(0, 3, 16, 16)), ValueError, r"weight must be \(D, C, p, p\) with D, p >= 1"),
     (dict(bias=torch.rand(41)), ValueError, r"bias must have shape \(40,\)"),
     (dict(pos_embed=torch.rand(1, 6, 40)), ValueError, r"pos_embed must have shape \(1, 7, 40\)"),
     (dict(cls_token=torch.rand(1, 1, 40, dtype=torch.float16)), TypeError, "cls_token must have weight's dtype"),

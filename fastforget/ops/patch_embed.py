@@ -81,8 +81,9 @@ def _check(images, weight, bias, pos_embed, ids_keep, cls_token) -> None:
     if images.dim() != 4 or images.dtype not in FLOAT_DTYPES or images.shape[0] == 0:
         raise ValueError(f"images must be (B, C, H, W) float32, bfloat16 or float16 with B >= 1, "
                          f"got {tuple(images.shape)} {images.dtype}")
-    if weight.dim() != 4 or weight.shape[1] != images.shape[1] or weight.shape[2] != weight.shape[3]:
-        raise ValueError(f"weight must be (D, C, p, p) with C = {images.shape[1]} (images' channels), "
+    if (weight.dim() != 4 or weight.shape[1] != images.shape[1] or weight.shape[2] != weight.shape[3]
+            or weight.shape[0] == 0 or weight.shape[2] == 0):
+        raise ValueError(f"weight must be (D, C, p, p) with D, p >= 1 and C = {images.shape[1]} (images' channels), "
                          f"got {tuple(weight.shape)}")
     if weight.dtype not in FLOAT_DTYPES:
         raise TypeError(f"weight must be float32, bfloat16 or float16, got {weight.dtype}")
@@ -106,7 +107,8 @@ def _check(images, weight, bias, pos_embed, ids_keep, cls_token) -> None:
         if not bool(in_range.all()):
             raise ValueError(f"ids_keep must lie in [0, {length}) (patches per image), got values "
                              f"from {int(ids_keep.min())} to {int(ids_keep.max())}")
-    else:  # checked where the data lives, without a host synchronisation (and traceable)
+    else:  # checked where the data lives, without a host synchronisation (and traceable); on CUDA a
+        # failure is a device-side assert, which leaves the CUDA context unusable, as indexing errors do
         torch._assert_async(in_range.all(), f"ids_keep must lie in [0, {length}) (patches per image)")
 
 

@@ -48,6 +48,33 @@ class LoopConfig:
     progress: bool = True
     extra: dict = field(default_factory=dict)  # recorded in checkpoints and metrics
 
+    def __post_init__(self):
+        for name in ("batch_size", "accum_steps", "log_every"):
+            require(self, name, is_count(getattr(self, name), 1), "an int >= 1")
+        require(self, "save_every", is_count(self.save_every, 0), "an int >= 0 (0: at the end only)")
+        require(self, "stop_after", self.stop_after is None or is_count(self.stop_after, 1), "None or an int >= 1")
+        require(self, "epochs", is_real(self.epochs) and self.epochs > 0, "a finite number > 0")
+        for name in ("blr", "min_lr", "weight_decay"):
+            require(self, name, is_real(getattr(self, name)) and getattr(self, name) >= 0, "a finite number >= 0")
+        require(self, "warmup_fraction", is_real(self.warmup_fraction) and 0 <= self.warmup_fraction < 1,
+                "a number in [0, 1)")
+        require(self, "clip_grad", self.clip_grad is None or (is_real(self.clip_grad) and self.clip_grad > 0),
+                "None (no clipping) or a finite number > 0")
+
+
+def is_count(value, low: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= low
+
+
+def is_real(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def require(config, name: str, ok: bool, expected: str) -> None:
+    """A config's field check: the error names the field and its command-line flag."""
+    if not ok:
+        raise ValueError(f"{name} (--{name.replace('_', '-')}) must be {expected}, got {getattr(config, name)!r}")
+
 
 @dataclass
 class Dist:

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from ..models import create_mae, load_mae
 from ..ops import make_teacher_batch, random_masking, unlearn_loss
 from . import data as data_lib
-from .loop import Dist, LoopConfig, run, setup_distributed
+from .loop import Dist, LoopConfig, is_real, require, run, setup_distributed
 
 
 @dataclass
@@ -54,6 +54,13 @@ class UnlearnConfig:
     model: Optional[str] = None  # from the checkpoint when it records it
     device: Optional[str] = None
     loop: LoopConfig = field(default_factory=lambda: LoopConfig(out="unlearned"))
+
+    def __post_init__(self):
+        require(self, "method", self.method in METHODS, f"one of {METHODS}")
+        require(self, "forget_weight", is_real(self.forget_weight) and self.forget_weight >= 0, "a finite number >= 0")
+        for name in ("retain_ratio", "proxy_ratio"):
+            require(self, name, is_real(getattr(self, name)) and getattr(self, name) >= 0, "a finite number >= 0")
+        require(self, "mask_ratio", is_real(self.mask_ratio) and 0 <= self.mask_ratio < 1, "a number in [0, 1)")
 
 
 METHODS = ("ours", "max-loss", "noisy-label", "retain-label", "random-encoder")
@@ -194,8 +201,6 @@ def unlearning_step(cfg: UnlearnConfig, student: nn.Module, d: Dist) -> tuple[nn
 
 def unlearn(cfg: UnlearnConfig) -> dict:
     """Makes the checkpoint's model forget cfg.forget_classes; writes cfg.loop.out/checkpoint.pt."""
-    if cfg.method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {cfg.method!r}")
     d = setup_distributed(cfg.device)
     torch.manual_seed(cfg.loop.seed)
     original = load_mae(cfg.checkpoint, cfg.model)
