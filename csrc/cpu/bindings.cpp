@@ -21,8 +21,9 @@ namespace {
 // The CPU has no caching allocator: a fresh 50 MB gradient costs a page fault per 4 KiB page, more
 // than the kernel itself. Keep the storages of recent gradients and hand one out again once
 // nothing else holds it (no tensor or view left on it), so steady-state training reuses warm pages.
+// At most kPoolSize storages and kPoolBytes in all: a one-off huge gradient is not kept for life.
 at::Tensor grad_buffer(int64_t rows, int64_t cols, const at::TensorOptions& options) {
-  constexpr size_t kPoolSize = 4;
+  constexpr size_t kPoolSize = 4, kPoolBytes = size_t(256) << 20;
   static std::mutex mutex;
   static std::vector<c10::Storage> pool;
   const size_t nbytes = size_t(rows) * size_t(cols) * options.dtype().itemsize();
@@ -31,9 +32,15 @@ at::Tensor grad_buffer(int64_t rows, int64_t cols, const at::TensorOptions& opti
   for (const c10::Storage& s : pool)
     if (unused(s) && s.nbytes() == nbytes) return at::empty({0}, options).set_(s, 0, {rows, cols}, {cols, 1});
   at::Tensor fresh = at::empty({rows, cols}, options);
-  if (pool.size() >= kPoolSize) {
-    auto it = std::find_if(pool.begin(), pool.end(), unused);
-    if (it == pool.end()) return fresh;  // all in use: do not grow past the cap
+  if (nbytes > kPoolBytes) return fresh;
+  auto pooled_bytes = [&] {
+    size_t total = 0;
+    for (const c10::Storage& s : pool) total += s.nbytes();
+    return total;
+  };
+  while (pool.size() >= kPoolSize || pooled_bytes() + nbytes > kPoolBytes) {
+    auto it = std::find_if(pool.begin(), pool.end(), unused);  // the oldest unused one
+    if (it == pool.end()) return fresh;  // all in use: do not grow past the caps
     pool.erase(it);
   }
   pool.push_back(fresh.storage());
