@@ -1,7 +1,8 @@
 """Packaging. `kernels/` installs as `fastforget.kernels` and `csrc/` as `fastforget.csrc`.
 
 Native extensions build on first use (fastforget/native.py); FASTFORGET_BUILD_EXT=1 builds
-them here instead, ahead of time.
+them here instead, ahead of time, named by native.build_key (sources, torch, CPU ISA), so a
+binary that no longer fits is passed over at run time.
 """
 import os
 
@@ -14,7 +15,7 @@ packages = ["fastforget", "fastforget.ops", "fastforget.bench", "fastforget.data
             "fastforget.train", "fastforget.kernels"]
 packages += [f"fastforget.csrc.{d}" for d in native_dirs]
 package_dir.update({f"fastforget.csrc.{d}": f"csrc/{d}" for d in native_dirs})
-package_data = {f"fastforget.csrc.{d}": ["*.cpp", "*.cu", "*.cuh", "*.h"] for d in native_dirs}
+package_data = {f"fastforget.csrc.{d}": ["*.cpp", "*.cu", "*.cuh", "*.h"] for d in native_dirs}  # native.NATIVE_SUFFIXES
 package_data["fastforget.data"] = ["digits.csv.gz"]
 
 ext_modules, cmdclass = [], {}

@@ -12,14 +12,17 @@ from __future__ import annotations
 
 import functools
 import glob
+import hashlib
 import importlib
 import os
 import shutil
 import threading
+import warnings
 
 import torch
 
 EXTENSIONS = ("cpu", "cuda")
+NATIVE_SUFFIXES = (".cpp", ".cu", ".cuh", ".h")  # what csrc/ holds, and setup.py installs
 _CSRC_CANDIDATES = (
     os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc"),  # installed: fastforget/csrc
     os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "csrc"),  # checkout
@@ -143,11 +146,41 @@ def load(name: str) -> str:
 
 
 @functools.lru_cache(maxsize=None)
+def build_key(name: str) -> str:
+    """What an extension's binary depends on: its sources and headers, torch's version and, for the
+    CPU, the vector ISA it is built for. A prebuilt file carries it in its name."""
+    root = csrc_dir()
+    files = sorted(path for folder in ("common", name) for ext in NATIVE_SUFFIXES
+                   for path in glob.glob(os.path.join(root, folder, f"*{ext}")))
+    digest = hashlib.sha256(f"{torch.__version__} {cpu_capability() if name == 'cpu' else ''}".encode())
+    for path in files:
+        digest.update(os.path.relpath(path, root).encode())
+        with open(path, "rb") as f:
+            digest.update(f.read())
+    return digest.hexdigest()[:12]
+
+
+PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
+def prebuilt(name: str) -> str | None:
+    """The binary setup.py built ahead of time for these sources, torch and CPU, if any. One built
+    for anything else is passed over (with a warning): it would run old code, or crash on an ISA
+    this CPU lacks."""
+    found = glob.glob(os.path.join(PACKAGE_DIR, f"_{name}_{build_key(name)}.*.so"))
+    if found:
+        return found[0]
+    if glob.glob(os.path.join(PACKAGE_DIR, f"_{name}_*.so")):
+        warnings.warn(f"fastforget: the prebuilt {name} extension in {PACKAGE_DIR} was built for other sources, "
+                      f"another torch or another CPU; building it on first use instead", stacklevel=3)
+    return None
+
+
+@functools.lru_cache(maxsize=None)
 def _build_and_load(name: str) -> str:
     namespace = f"fastforget_{name}"
-    prebuilt = glob.glob(os.path.join(os.path.dirname(os.path.abspath(__file__)), f"_{name}.*.so"))
-    if prebuilt:  # built ahead of time by setup.py
-        torch.ops.load_library(prebuilt[0])
+    if binary := prebuilt(name):  # built ahead of time by setup.py
+        torch.ops.load_library(binary)
         return namespace
     with _lock:
         home = cuda_home()
@@ -204,14 +237,14 @@ def setup_extensions():
         return [os.path.relpath(p) for p in paths]
 
     cpu = _flags("cpu")
-    exts = [CppExtension("fastforget._cpu", rel(sources("cpu")), extra_compile_args={"cxx": cpu["extra_cflags"]},
-                         extra_link_args=cpu["extra_ldflags"])]
+    exts = [CppExtension(f"fastforget._cpu_{build_key('cpu')}", rel(sources("cpu")),
+                         extra_compile_args={"cxx": cpu["extra_cflags"]}, extra_link_args=cpu["extra_ldflags"])]
     try:
         _check_toolchain("cuda")
         flags = _flags("cuda")
         exts.append(
             CUDAExtension(
-                "fastforget._cuda",
+                f"fastforget._cuda_{build_key('cuda')}",
                 rel(sources("cuda")),
                 include_dirs=flags["extra_include_paths"],
                 extra_compile_args={"cxx": flags["extra_cflags"], "nvcc": flags["extra_cuda_cflags"]},
