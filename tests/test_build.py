@@ -87,3 +87,16 @@ def test_a_failed_build_is_not_retried_on_every_call(monkeypatch):
     for _ in range(3):
         assert "boom" in native.unavailable_reason("cpu")
     assert attempts == ["cpu"]
+
+
+def test_a_prebuilt_binary_is_used_only_for_its_own_sources_torch_and_cpu(tmp_path, monkeypatch):
+    """setup.py names each binary by native.build_key; a stale one is passed over, with a warning."""
+    monkeypatch.setattr(native, "PACKAGE_DIR", str(tmp_path))
+    stale = tmp_path / "_cpu_000000000000.cpython-311-x86_64-linux-gnu.so"
+    stale.write_bytes(b"")
+    with pytest.warns(UserWarning, match="built for other sources, another torch or another CPU"):
+        assert native.prebuilt("cpu") is None
+    current = tmp_path / f"_cpu_{native.build_key('cpu')}.cpython-311-x86_64-linux-gnu.so"
+    current.write_bytes(b"")
+    assert native.prebuilt("cpu") == str(current)
+    assert native.build_key("cpu") != native.build_key("cuda")
