@@ -1,52 +1,66 @@
 #!/usr/bin/env bash
 # One device call: install, build the CUDA extension, run the GPU tests and both benchmarks, and
-# write a short table plus logs under $OUT (default ./gpu-out). Stage limits add up to 8 minutes;
-# results.md is written whenever the script ends, so a stopped run still reports what it measured
-# (bench ops writes its CSV and plot row by row; tests.log names the slowest tests).
+# leave six files in $OUT (default ./gpu-out; the device tool brings back at most eight):
+# results.md (the tables, the fastforget step's top GPU ops, the tests' summary), step.csv/.png,
+# ops.csv/.png and logs.tar.gz (every log, ptxas's report, each provider's profile and trace).
+# Stage limits add up to about 8 minutes; results.md is written however the script ends, so a
+# stopped run still reports what it measured (bench ops writes its CSV and plot row by row).
 #   FASTFORGET_COMMIT=$(git rev-parse --short HEAD) bash benchmarks/gpu_suite.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu-out}
+LOGS=$(mktemp -d "${TMPDIR:-/tmp}/fastforget-suite.XXXXXX")
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 FASTFORGET_CACHE=/tmp/fastforget-cache
 export FASTFORGET_COMMIT=${FASTFORGET_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
 PY=${PYTHON:-python3}
-build_rc=- tests_rc=- ops_rc=- step_rc=-
-step() { echo "== $1 ($(date +%T))" | tee -a "$OUT/suite.log"; }
+build_rc=- tests_rc=- timing_rc=- ops_rc=- step_rc=-
+step() { echo "== $1 ($(date +%T))" | tee -a "$LOGS/suite.log"; }
 
 summary() {
   {
     echo "# fastforget GPU suite"
-    echo "date: $(date -u +%F) · commit: $FASTFORGET_COMMIT · $(tail -1 "$OUT/gpu.txt" 2>/dev/null)"
-    echo "build rc=$build_rc · gpu tests rc=$tests_rc ($(tail -1 "$OUT/tests.log" 2>/dev/null)) · ops rc=$ops_rc · step rc=$step_rc"
+    echo "date: $(date -u +%F) · commit: $FASTFORGET_COMMIT · $(tail -1 "$LOGS/gpu.txt" 2>/dev/null)"
+    echo "build rc=$build_rc · gpu tests rc=$tests_rc, timing tests rc=$timing_rc · step rc=$step_rc · ops rc=$ops_rc"
     echo
     echo '```'
-    grep -hv "^W1" "$OUT/step.log" "$OUT/ops.log" 2>/dev/null
+    grep -hv "^W1" "$LOGS/step.log" 2>/dev/null
+    echo
+    head -40 "$LOGS/profile/fastforget.txt" 2>/dev/null
+    echo
+    grep -hv "^W1" "$LOGS/ops.log" 2>/dev/null
+    echo
+    tail -40 "$LOGS/tests.log" 2>/dev/null
+    tail -5 "$LOGS/timing.log" 2>/dev/null
     echo '```'
   } >"$OUT/results.md"
   cat "$OUT/results.md"
+  tar -czf "$OUT/logs.tar.gz" -C "$LOGS" . 2>/dev/null
 }
 trap summary EXIT
 
 step "install"
-$PY -m pip install -q --no-deps --no-build-isolation -e . >>"$OUT/suite.log" 2>&1 || { echo "install failed"; tail -20 "$OUT/suite.log"; exit 1; }
-nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv >"$OUT/gpu.txt" 2>&1
+$PY -m pip install -q --no-deps --no-build-isolation -e . >>"$LOGS/suite.log" 2>&1 || { echo "install failed"; tail -20 "$LOGS/suite.log"; exit 1; }
+nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv >"$LOGS/gpu.txt" 2>&1
 
 step "build the CUDA extension (ptxas report in build.log)"
-FASTFORGET_VERBOSE_BUILD=1 timeout 90 $PY -c "from fastforget import native; print(native.load('cuda'))" >"$OUT/build.log" 2>&1
+FASTFORGET_VERBOSE_BUILD=1 timeout 90 $PY -c "from fastforget import native; print(native.load('cuda'))" >"$LOGS/build.log" 2>&1
 build_rc=$?
-$PY -m fastforget.cli info | tee "$OUT/info.txt"
+$PY -m fastforget.cli info | tee "$LOGS/info.txt"
 
-step "GPU tests"
-timeout 170 $PY -m pytest -q -ra --durations=15 -m gpu tests/ >"$OUT/tests.log" 2>&1
+step "GPU tests (4 processes when pytest-xdist is there), then the timing tests alone"
+parallel=$($PY -c "import xdist" 2>/dev/null && echo "-n 4")
+timeout 150 $PY -m pytest -q -ra --durations=15 $parallel -m "gpu and not timing" tests/ >"$LOGS/tests.log" 2>&1
 tests_rc=$?
-tail -3 "$OUT/tests.log"
+tail -3 "$LOGS/tests.log"
+timeout 30 $PY -m pytest -q -ra -m "gpu and timing" tests/ >"$LOGS/timing.log" 2>&1
+timing_rc=$?
 
-step "bench step (mae_vit_large_patch16, 224px, mask 0.75, batch 128)"
-timeout 100 $PY -m fastforget.cli bench step --model mae_vit_large_patch16 --batch-size 128 --device cuda \
-  --min-time 1 --csv "$OUT/step.csv" >"$OUT/step.log" 2>&1
+step "bench step (mae_vit_large_patch16, 224px, mask 0.75, batch 128), then each provider profiled"
+timeout 120 $PY -m fastforget.cli bench step --model mae_vit_large_patch16 --batch-size 128 --device cuda \
+  --min-time 1 --csv "$OUT/step.csv" --profile "$LOGS/profile" >"$LOGS/step.log" 2>&1
 step_rc=$?
 
 step "bench ops (every op, MAE/MAGE shapes, against the roofline)"
-timeout 120 $PY -m fastforget.cli bench ops --device cuda --reps 20 --csv "$OUT/ops.csv" >"$OUT/ops.log" 2>&1
+timeout 120 $PY -m fastforget.cli bench ops --device cuda --reps 20 --csv "$OUT/ops.csv" >"$LOGS/ops.log" 2>&1
 ops_rc=$?

@@ -59,6 +59,8 @@ def main(argv=None) -> int:
     step.add_argument("--reps", type=int, default=10, help="timed steps at least")
     step.add_argument("--min-time", type=float, default=3.0, help="seconds of timed steps per provider at least")
     step.add_argument("--csv", default=None, help="append one row per provider to this CSV (and draw a PNG beside it)")
+    step.add_argument("--profile", default=None, metavar="DIR",
+                      help="after timing, profile each provider's steps into DIR (top ops table, Chrome trace)")
 
     def loop_args(p, out_default, epochs, blr):
         p.add_argument("--out", default=out_default, help="output directory (checkpoint.pt, metrics.jsonl)")

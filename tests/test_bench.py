@@ -53,10 +53,10 @@ def test_encoder_flops_match_torchs_flop_counter(name):
     assert bench_step.step_flops(model, batch, ratio) == 3 * patch + 4 * counter.get_total_flops()
 
 
-def test_bench_step_writes_rows_and_plot(tmp_path, capsys):
+def test_bench_step_writes_rows_plot_and_profiles(tmp_path, capsys):
     path = tmp_path / "step.csv"
     assert cli.main(["bench", "step", "--batch-size", "4", "--reps", "2", "--min-time", "0", "--device", "cpu",
-                     "--csv", str(path)]) == 0
+                     "--csv", str(path), "--profile", str(tmp_path / "profile")]) == 0
     out = capsys.readouterr().out
     assert "images/s" in out and "MFU" in out
     with open(path) as f:
@@ -67,6 +67,11 @@ def test_bench_step_writes_rows_and_plot(tmp_path, capsys):
         assert float(r["ms_per_step"]) > 0 and float(r["peak_mem_mb"]) > 0 and 0 < float(r["mfu"]) < 1
     assert float(rows[0]["speedup"]) == 1.0
     assert (tmp_path / "step.png").stat().st_size > 0
+    for provider in bench_step.PROVIDERS:  # each provider's own ops, after its timing
+        table = (tmp_path / "profile" / f"{provider}.txt").read_text()
+        assert "self_cpu_time_total" in table and "aten::" in table
+        assert (tmp_path / "profile" / f"{provider}.json.gz").stat().st_size > 0
+    assert "fastforget::qkv_attention" in (tmp_path / "profile" / "fastforget.txt").read_text()
 
 
 def test_bench_step_rejects_unknown_provider():
@@ -109,6 +114,7 @@ def test_median_ms_times_the_call_on_the_cpu():
 
 
 @pytest.mark.gpu
+@pytest.mark.timing
 def test_median_ms_on_cuda_times_the_loop_or_the_gpu_alone():
     """By default the host's time shows (training waits on it); gpu_only hides it behind a GPU
     sleep, so a tiny kernel times as a tiny kernel."""

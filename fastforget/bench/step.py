@@ -26,9 +26,11 @@ from __future__ import annotations
 import contextlib
 import copy
 import datetime
+import gzip
 import json
 import multiprocessing
 import os
+import shutil
 import statistics
 import tempfile
 import traceback
@@ -231,9 +233,36 @@ def _cpu_peak_mb(spec: Spec) -> float:
     return peak_of() / 2**20
 
 
+PROFILED_STEPS = 2
+
+
+def profile_steps(step, device: torch.device, path: str) -> str:
+    """Profiles PROFILED_STEPS steps: path.txt, the ops with the most self time on the device (the
+    CPU without one), and path.json.gz, a Chrome/Perfetto trace that shows launch gaps. Returns
+    path.txt."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+        for _ in range(PROFILED_STEPS):
+            step()
+        sync(device)
+    with tempfile.TemporaryDirectory() as tmp:
+        trace = os.path.join(tmp, "trace.json")
+        prof.export_chrome_trace(trace)
+        with open(trace, "rb") as src, gzip.open(path + ".json.gz", "wb") as dst:
+            shutil.copyfileobj(src, dst)
+    sort = "self_device_time_total" if cuda else "self_cpu_time_total"
+    with open(path + ".txt", "w") as f:
+        f.write(f"{PROFILED_STEPS} steps, sorted by {sort}\n")
+        f.write(prof.key_averages().table(sort_by=sort, row_limit=30, max_name_column_width=60) + "\n")
+    return path + ".txt"
+
+
 def _serve(spec: Spec, conn) -> None:
-    """One provider's process: builds its step, sends its info (or the error), then times steps for
-    as many seconds as each request asks (median ms per step), until asked None."""
+    """One provider's process: builds its step, sends its info (or the error), then answers
+    requests until asked None: a number of seconds, by timing steps for that long (median ms per
+    step); a path, by profiling steps into it (profile_steps)."""
     try:
         step, info = _built(spec)
     except Exception:  # any: the parent raises it, naming the provider
@@ -242,8 +271,11 @@ def _serve(spec: Spec, conn) -> None:
     conn.send(info)
     device = torch.device(spec.device)
     reps = max(2, spec.reps // ROUNDS)
-    while (seconds := conn.recv()) is not None:
-        conn.send(median_ms(step, device, warmup=1, reps=reps, min_time_s=seconds))
+    while (request := conn.recv()) is not None:
+        if isinstance(request, str):
+            conn.send(profile_steps(step, device, request))
+        else:
+            conn.send(median_ms(step, device, warmup=1, reps=reps, min_time_s=request))
 
 
 @contextlib.contextmanager
@@ -273,10 +305,12 @@ def _reply(spec: Spec, process, conn):
         raise RuntimeError(f"bench step: provider {spec.name}'s process died (exit code {process.exitcode})") from None
 
 
-def run(specs: list[Spec]) -> list[dict]:
+def run(specs: list[Spec], profile_dir: str | None = None) -> list[dict]:
     """Each spec built in a fresh spawned process of its own, then timed in ROUNDS rounds where the
     providers take turns: a machine whose speed wanders during the run (a shared 2-core VM does)
-    slows every provider alike. A provider's time is the median of its rounds' medians."""
+    slows every provider alike. A provider's time is the median of its rounds' medians. With
+    profile_dir, each is then profiled into profile_dir/<name> (after the timing, which the
+    profiler would disturb)."""
     context = multiprocessing.get_context("spawn")
     cpu_peaks = {}
     for spec in specs:
@@ -298,6 +332,11 @@ def run(specs: list[Spec]) -> list[dict]:
             for times, (spec, process, conn, _) in zip(rounds, workers):
                 conn.send(spec.min_time_s / ROUNDS)
                 times.append(_reply(spec, process, conn))
+        if profile_dir:
+            os.makedirs(profile_dir, exist_ok=True)
+            for spec, process, conn, _ in workers:
+                conn.send(os.path.join(os.path.abspath(profile_dir), spec.name))
+                _reply(spec, process, conn)
     finally:
         for _, process, conn, _ in workers:
             if process.is_alive():
@@ -365,7 +404,7 @@ def main(args) -> int:
         raise ValueError(f"--providers: unknown {unknown}; expected a comma-separated subset of {PROVIDERS}")
     specs = [Spec(p, args.model, args.batch_size, args.mask_ratio, device, c, args.reps, args.min_time)
              for c in ([False, True] if args.compile else [False]) for p in providers]
-    results = run(specs)
+    results = run(specs, args.profile)
     dev = torch.device(device)
     rate = matmul_tflops(dev, torch.bfloat16 if dev.type == "cuda" else torch.float32)
     table = rows(results, rate, harness.commit())
@@ -374,4 +413,6 @@ def main(args) -> int:
     if args.csv:
         append_csv(args.csv, table)
         print(f"wrote {args.csv} and {draw(args.csv)}")
+    if args.profile:
+        print(f"profiles of {PROFILED_STEPS} steps per provider: {args.profile}/<provider>.txt and .json.gz")
     return 0
