@@ -101,10 +101,13 @@ def _flags(name: str) -> dict:
         # No errno from sqrt: otherwise every square root is a call and no loop over one vectorises.
         isa = _CPU_ISA_FLAGS.get(cpu_capability(), [])
         return {"extra_cflags": cflags + isa + ["-fopenmp", "-fno-math-errno"], "extra_ldflags": ["-fopenmp"]}
+    # The pip CUDA libraries' headers are searched after the toolkit's (which torch passes as
+    # -isystem before these flags): a complete toolkit is used as it is, and a bare one (no cuBLAS
+    # headers, as here) borrows only what it lacks, never a second copy of the runtime's headers.
+    pip_headers = _cuda_include_dirs()
     return {
-        "extra_cflags": cflags,
-        "extra_cuda_cflags": ["-O3", "-lineinfo"],
-        "extra_include_paths": _cuda_include_dirs(),
+        "extra_cflags": cflags + [f"-idirafter{d}" for d in pip_headers],
+        "extra_cuda_cflags": ["-O3", "-lineinfo"] + [flag for d in pip_headers for flag in ("-isystem", d)],
     }
 
 
@@ -246,7 +249,6 @@ def setup_extensions():
             CUDAExtension(
                 f"fastforget._cuda_{build_key('cuda')}",
                 rel(sources("cuda")),
-                include_dirs=flags["extra_include_paths"],
                 extra_compile_args={"cxx": flags["extra_cflags"], "nvcc": flags["extra_cuda_cflags"]},
             )
         )

@@ -11,6 +11,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .launch import on_inputs_device
+
 # Tiles: 64 rows x 64 channels of output, features in steps of 32 (tensor-core friendly for
 # bf16/fp16; tl.dot needs >= 16 everywhere). TODO(gpu): tune on the H200 (issue 6).
 BLOCK_M, BLOCK_N, BLOCK_K = 64, 64, 32
@@ -76,6 +78,7 @@ def input_precision(dtype) -> str:
     return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
 
 
+@on_inputs_device
 def masked_patch_embed(images, weight, bias, pos_embed, ids_keep, cls_token):
     batch, channels, height, width = images.shape
     dim, patch = weight.shape[0], weight.shape[-1]

@@ -2,11 +2,14 @@
 
 Shapes: images and out (rows, row_numel) contiguous; is_forget (rows,) uint8; stream two int64 on
 the device: the Philox seed and the flat index of the first element. The noise is fastforget's
-Philox stream (csrc/common/philox.h), so it equals the CPU and CUDA backends' draw for draw.
+Philox stream (csrc/common/philox.h): the same uniform bits as the CPU and CUDA backends, and
+normal draws equal to theirs within a few ulp (each backend has its own log and cos).
 """
 import torch
 import triton
 import triton.language as tl
+
+from .launch import on_inputs_device
 
 NORMAL, UNIFORM, CONSTANT = 0, 1, 2
 STATS_BLOCK = 4096  # elements per statistics program, two passes over registers
@@ -51,7 +54,8 @@ def _noise(i, seed, mean, std, lo, hi, NOISE: tl.constexpr):
         b = tl.where(odd, r3, r1)
         u1 = ((a >> 8) + 1).to(tl.float32) * 5.9604644775390625e-8
         u2 = _uniform(b)
-        return tl.sqrt(-2.0 * tl.log(u1)) * tl.cos(6.283185307179586 * u2) * std + mean
+        # sqrt_rn: IEEE sqrt, as the other backends (tl.sqrt compiles to sqrt.approx)
+        return tl.sqrt_rn(-2.0 * tl.log(u1)) * tl.cos(6.283185307179586 * u2) * std + mean
     elif NOISE == 1:
         r0, r1, r2, r3 = _philox((i >> 2).to(tl.uint64), seed)
         lane = i & 3
@@ -132,6 +136,7 @@ def output_kernel(x_ptr, out_ptr, is_forget_ptr, stream_ptr, mean_std_ptr, row_n
             tl.store(out_ptr + row_begin + offs, tl.load(x_ptr + row_begin + offs, mask=m), mask=m)
 
 
+@on_inputs_device
 def make_teacher_batch(images, is_forget, stream, noise: int, clamp_lo, clamp_hi):
     """(rows, ...) contiguous images -> the teacher batch; noise 0 normal, 1 uniform, 2 constant."""
     rows = images.shape[0]

@@ -9,6 +9,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .launch import on_inputs_device
+
 # A program covers CHUNK = BLOCK * STEPS columns of one row. BLOCK = 2048 with 8 warps is 8
 # elements (16 bytes of bf16) per thread per step; 4 steps keep ~64 KiB in flight per program.
 BLOCK = 2048
@@ -147,6 +149,7 @@ def chunks_per_row(cols: int) -> int:
     return triton.cdiv(cols, BLOCK * STEPS)
 
 
+@on_inputs_device
 def forward(student, retain, forget, is_forget, retain_weight, forget_weight, normalize_set, compute_grad):
     """(loss, retain_loss, forget_loss, grad) of (rows, cols) inputs; grad is empty without compute_grad."""
     rows, cols = student.shape
@@ -173,6 +176,7 @@ def forward(student, retain, forget, is_forget, retain_weight, forget_weight, no
     return loss, retain_loss, forget_loss, grad
 
 
+@on_inputs_device
 def scale_grad_(grad, is_forget, grad_loss, grad_retain, grad_forget, retain_weight, forget_weight):
     """grad (rows, cols) *= each row's backward scale, in place; None grads count as 0."""
     rows, cols = grad.shape

@@ -47,6 +47,17 @@ def test_every_op_repeats_bitwise_under_deterministic_mode(backend, device):
     assert all(torch.equal(a, b) for a, b in zip(first, _each_op(backend, device)))  # and without it
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_ops_run_on_their_inputs_device_not_the_current_one(backend):
+    """Inputs on cuda:1 while cuda:0 is current (Triton launches on the current device unless told)."""
+    torch.cuda.set_device(0)
+    on_0, on_1 = _each_op(backend, "cuda:0"), _each_op(backend, "cuda:1")
+    assert all(b.device == torch.device("cuda:1") for b in on_1)
+    assert all(torch.equal(a.cpu(), b.cpu()) for a, b in zip(on_0, on_1))
+
+
 def test_gpu_kernels_reduce_without_atomics():
     """Fixed-order partial sums instead: a regression guard over the CUDA and Triton sources."""
     sources = [*ROOT.glob("csrc/cuda/*.cu"), *ROOT.glob("csrc/cuda/*.cuh"), *ROOT.glob("kernels/*.py")]
