@@ -21,6 +21,7 @@ import torch
 BURST_MS = 1.0  # a CUDA sample's length: enough calls that the events' own cost is lost in it
 MAX_BURST = 64  # calls per CUDA sample at most (the launch queue holds about a thousand kernels)
 SLEEP_CYCLES_PER_MS = 3e6  # GPU clock cycles per ms of host time to cover: 2 GHz, with half again to spare
+MAX_SLEEP_MS = 100  # a burst whose host time is longer than this is the host's to time anyway
 
 
 def sync(device: torch.device) -> None:
@@ -38,7 +39,7 @@ def median_ms(fn: Callable[[], object], device: torch.device, warmup: int = 3, r
     if device.type == "cuda":
         host_ms, call_ms = _probe(fn)
         calls = max(1, min(MAX_BURST, round(BURST_MS / max(call_ms, 1e-3))))
-        sleep_cycles = int(SLEEP_CYCLES_PER_MS * host_ms * calls) if gpu_only else 0
+        sleep_cycles = int(SLEEP_CYCLES_PER_MS * min(host_ms * calls, MAX_SLEEP_MS)) if gpu_only else 0
         sample = lambda: _cuda_burst(fn, calls, sleep_cycles)  # noqa: E731
     else:
         sample = lambda: _cpu_call(fn)  # noqa: E731
