@@ -27,6 +27,22 @@ def test_reads_an_image_folder_only_where_chosen(tmp_path):
     assert data.images.shape == (6, 3, 8, 8) and data.skipped == 0
 
 
+def test_folder_images_are_held_as_pixels_and_used_as_torchvisions_floats(tmp_path):
+    """uint8 in memory (a quarter of float32's), in file order whatever the threads; a batch's
+    floats are bit for bit what ToTensor gives."""
+    from torchvision import transforms
+
+    index = data_lib.load(str(_folder(tmp_path / "d", per_class=5, size=20)), 8)
+    data = data_lib.decode(index)
+    assert data.images.dtype == torch.uint8 and data.labels.tolist() == [0] * 5 + [1] * 5
+    to_tensor = transforms.Compose([transforms.Resize((8, 8)), transforms.ToTensor()])
+    for file, pixels in zip(index.files, data.images):
+        with Image.open(file) as img:
+            assert torch.equal(data_lib.unit_float(pixels), to_tensor(img.convert("RGB")))
+    digits = data_lib.load_digits()
+    assert data_lib.unit_float(digits.images) is digits.images  # float images as they are
+
+
 @pytest.mark.parametrize("damage", ["truncated", "not an image"])
 def test_an_unreadable_file_is_named_or_skipped_when_asked(tmp_path, damage, capsys):
     root = _folder(tmp_path / "d")
@@ -76,17 +92,25 @@ def test_bad_data_stops_unlearning_before_it_starts(tmp_path):
         assert not out.exists()
 
 
-def test_unlearning_on_image_folders_reads_only_the_chosen_files(tmp_path):
-    """Forget 'cat' with the real 'dog' retain set and a proxy folder: a damaged file of a class that
-    is not chosen is never read; one in the forget set stops the run before it starts, unless
-    skipped."""
+def _rgb_checkpoint(tmp_path) -> str:
+    """An RGB mae_vit_tiny checkpoint, as the trainer writes them."""
     from fastforget.models import create_mae
-    from fastforget.train.loop import LoopConfig, load_checkpoint, save_atomic
+    from fastforget.train.loop import save_atomic
 
     rgb = {"in_chans": 3, "pixel_mean": (0.5,) * 3, "pixel_std": (0.5,) * 3}
     ckpt = str(tmp_path / "original.pt")
     save_atomic({"model": create_mae("mae_vit_tiny", **rgb).state_dict(), "optimizer": {}, "step": 0,
                  "config": {"model": "mae_vit_tiny", "overrides": rgb}}, ckpt)
+    return ckpt
+
+
+def test_unlearning_on_image_folders_reads_only_the_chosen_files(tmp_path):
+    """Forget 'cat' with the real 'dog' retain set and a proxy folder: a damaged file of a class that
+    is not chosen is never read; one in the forget set stops the run before it starts, unless
+    skipped."""
+    from fastforget.train.loop import LoopConfig, load_checkpoint
+
+    ckpt = _rgb_checkpoint(tmp_path)
     root = _folder(tmp_path / "d", classes=("cat", "dog", "fox"), per_class=8, size=16)
     proxy = _folder(tmp_path / "p", classes=("owl",), per_class=8, size=16)
     (root / "fox" / "0.png").write_text("damaged, never chosen")
@@ -105,3 +129,14 @@ def test_unlearning_on_image_folders_reads_only_the_chosen_files(tmp_path):
     assert not (tmp_path / "bad").exists()
     run("skipped", retain_classes=("dog",), skip_bad_images=True)
     assert (tmp_path / "skipped" / "checkpoint.pt").exists()
+
+
+def test_eval_scores_models_on_image_folders(tmp_path):
+    from fastforget.eval.run import evaluate_checkpoints
+
+    ckpt = _rgb_checkpoint(tmp_path)
+    root = _folder(tmp_path / "d", classes=("cat", "dog"), per_class=10, size=16)
+    report = evaluate_checkpoints({"original": ckpt, "again": ckpt}, str(root), ("cat",), ("dog",), ("inpaint",),
+                                  0.5, "encoder", str(tmp_path / "eval"))
+    row = report["inpaint"]["again"]["forget"]
+    assert row["mse"] > 0 and row["fid"] == pytest.approx(report["inpaint"]["original"]["forget"]["fid"])

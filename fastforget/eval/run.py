@@ -4,6 +4,7 @@ grid per task and a t-SNE plot of ground-truth and generated embeddings."""
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import os
 from typing import Optional
@@ -67,7 +68,8 @@ def evaluate_checkpoints(checkpoints: dict, data: str, forget, retain, tasks, ra
     sets = {}
     for s, names in (("forget", forget), ("retain", retain)):
         ids = torch.tensor(data_lib.class_indices(dataset, names, s))
-        sets[s] = data_lib.decode(dataset.subset(torch.isin(dataset.labels, ids).nonzero()[:, 0]))
+        decoded = data_lib.decode(dataset.subset(torch.isin(dataset.labels, ids).nonzero()[:, 0]))
+        sets[s] = dataclasses.replace(decoded, images=data_lib.unit_float(decoded.images))
         if len(sets[s]) < 10:
             raise ValueError(f"the {s} classes {list(names)} have {len(sets[s])} test images; 10 at least")
     report = evaluate(models, sets, extractor(features, original), tasks, ratio, out)

@@ -130,7 +130,7 @@ def _rank_batches(images: Tensor, cfg: LoopConfig, d: Dist, steps_per_epoch: int
             cache[epoch] = (order.to(images.device), None if is_forget is None else is_forget.to(d.device))
         order, is_forget = cache[epoch]
         start = ((within * cfg.accum_steps + micro) * d.world + d.rank) * cfg.batch_size
-        out = (images[order[start:start + cfg.batch_size]].to(d.device, non_blocking=True),)
+        out = (data_lib.unit_float(images[order[start:start + cfg.batch_size]].to(d.device, non_blocking=True)),)
         return out + ((is_forget[start:start + cfg.batch_size],) if is_forget is not None else ())
     return batches
 
