@@ -80,6 +80,9 @@ def main(argv=None) -> int:
         p.add_argument("--deterministic", action="store_true",
                        help="torch.use_deterministic_algorithms for the run (fastforget's kernels are deterministic)")
         p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
+        p.add_argument("--augment", default=None, choices=["none", "crop-flip"],
+                       help="crop-flip: the reference's RandomResizedCrop(0.2-1) and flip, on the GPU "
+                            "(default: crop-flip on image folders, none on the digits)")
 
     unlearn = sub.add_parser("unlearn", help="make a pretrained MAE forget classes (Li et al., ICLR 2024)")
     unlearn.add_argument("--checkpoint", required=True, help="the original model (load_mae reads it)")
@@ -136,7 +139,7 @@ def main(argv=None) -> int:
                           compile=args.compile, deterministic=args.deterministic)
         if args.command == "pretrain":
             print(run_pretrain(PretrainConfig(model=args.model, data=args.data, mask_ratio=args.mask_ratio,
-                                              device=args.device, loop=loop)))
+                                              device=args.device, augment=args.augment, loop=loop)))
             return 0
         split = lambda text: tuple(c for c in text.split(",") if c)  # noqa: E731
         print(run_unlearn(UnlearnConfig(
@@ -144,7 +147,7 @@ def main(argv=None) -> int:
             retain_classes=split(args.retain_classes), proxy_classes=split(args.proxy_classes),
             proxy_data=args.proxy_data, skip_bad_images=args.skip_bad_images, retain_ratio=args.retain_ratio,
             proxy_ratio=args.proxy_ratio, forget_weight=args.forget_weight, normalize=args.normalize, noise=args.noise,
-            mask_ratio=args.mask_ratio, method=args.method, device=args.device, loop=loop)))
+            mask_ratio=args.mask_ratio, method=args.method, device=args.device, augment=args.augment, loop=loop)))
         return 0
     if args.command == "eval":
         from .eval.run import evaluate_checkpoints

@@ -45,10 +45,10 @@ def test_stream_is_one_to_one_and_a_function_of_seed_and_epoch():
     assert torch.equal(index, again[0]) and not torch.equal(index, data_lib.stream(sets, epoch=4, seed=5)[0])
 
 
-def _unlearn(original, out, **loop):
+def _unlearn(original, out, augment=None, **loop):
     cfg = UnlearnConfig(checkpoint=original, forget_classes=("0", "1"), retain_classes=("2", "3"), device="cpu",
-                        loop=LoopConfig(out=str(out), epochs=0.5, batch_size=32, blr=1e-3, log_every=2,
-                                        progress=False, **loop))
+                        augment=augment, loop=LoopConfig(out=str(out), epochs=0.5, batch_size=32, blr=1e-3,
+                                                         log_every=2, progress=False, **loop))
     return unlearn(cfg)
 
 
@@ -63,11 +63,12 @@ def test_unlearning_trains_the_encoder_only(original, tmp_path):
     assert lines[-1]["step"] == metrics["step"] and {"loss", "retain_loss", "forget_loss", "lr"} <= set(lines[-1])
 
 
-def test_resume_repeats_the_uninterrupted_run_bitwise(original, tmp_path):
-    _unlearn(original, tmp_path / "whole")
-    _unlearn(original, tmp_path / "parts", stop_after=3)
+@pytest.mark.parametrize("augment", ["none", "crop-flip"])
+def test_resume_repeats_the_uninterrupted_run_bitwise(original, tmp_path, augment):
+    _unlearn(original, tmp_path / "whole", augment)
+    _unlearn(original, tmp_path / "parts", augment, stop_after=3)
     assert load_checkpoint(str(tmp_path / "parts" / "checkpoint.pt"))["step"] == 3
-    _unlearn(original, tmp_path / "parts", resume=True)
+    _unlearn(original, tmp_path / "parts", augment, resume=True)
     whole = load_checkpoint(str(tmp_path / "whole" / "checkpoint.pt"))
     parts = load_checkpoint(str(tmp_path / "parts" / "checkpoint.pt"))
     assert whole["step"] == parts["step"] > 3
@@ -88,9 +89,11 @@ def test_compiled_step_trains_as_the_eager_one(original, tmp_path):
 
 
 def test_two_ranks_compute_what_one_does(original, tmp_path):
-    """torchrun, 2 CPU ranks (gloo) with 8 images each = 1 process with 16, to float rounding."""
+    """torchrun, 2 CPU ranks (gloo) with 8 images each = 1 process with 16, to float rounding; each
+    rank takes its rows of the global batch's masks, noise and crops."""
     common = ["unlearn", "--checkpoint", original, "--forget-classes", "0,1", "--retain-classes", "2,3",
-              "--epochs", "0.4", "--blr", "1e-3", "--noise", "uniform", "--device", "cpu", "--log-every", "1"]
+              "--epochs", "0.4", "--blr", "1e-3", "--noise", "uniform", "--device", "cpu", "--log-every", "1",
+              "--augment", "crop-flip"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     one = subprocess.run([sys.executable, "-m", "fastforget.cli", *common, "--batch-size", "16", "--out",
                           str(tmp_path / "one")], env=env, capture_output=True, text=True, timeout=300)

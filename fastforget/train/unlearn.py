@@ -30,6 +30,7 @@ from torch import Tensor, nn
 from ..models import create_mae, load_mae
 from ..ops import make_teacher_batch, random_masking, unlearn_loss
 from . import data as data_lib
+from .augment import AUGMENTS, DRAWS, crop_flip, crop_flip_params, source_size
 from .loop import Dist, LoopConfig, is_real, require, run, setup_distributed
 
 
@@ -53,10 +54,12 @@ class UnlearnConfig:
     method: str = "ours"
     model: Optional[str] = None  # from the checkpoint when it records it
     device: Optional[str] = None
+    augment: Optional[str] = None  # AUGMENTS; None: the reference's crop-flip on image folders, none on the digits
     loop: LoopConfig = field(default_factory=lambda: LoopConfig(out="unlearned"))
 
     def __post_init__(self):
         require(self, "method", self.method in METHODS, f"one of {METHODS}")
+        require(self, "augment", self.augment is None or self.augment in AUGMENTS, f"None or one of {AUGMENTS}")
         require(self, "forget_weight", is_real(self.forget_weight) and self.forget_weight >= 0, "a finite number >= 0")
         for name in ("retain_ratio", "proxy_ratio"):
             require(self, name, is_real(getattr(self, name)) and getattr(self, name) >= 0, "a finite number >= 0")
@@ -141,6 +144,19 @@ def _rank_rows(gen: torch.Generator, batch: int, length: int, d: Dist) -> Tensor
     return noise[d.rank * batch:(d.rank + 1) * batch]
 
 
+def resolve_augment(augment: Optional[str], data: str) -> str:
+    """None means the reference's crop-flip for image folders and none for the digits (8x8
+    strokes, which a mirror or a fifth of the image would not keep)."""
+    return augment if augment is not None else ("none" if data == "digits" else "crop-flip")
+
+
+def _augmenter(augment: str, size: int, d: Dist) -> Callable[[Tensor, torch.Generator], Tensor]:
+    """(images, the step's generator) -> the batch the model sees (train/augment.py)."""
+    if augment == "none":
+        return lambda imgs, gen: imgs
+    return lambda imgs, gen: crop_flip(imgs, size, crop_flip_params(_rank_rows(gen, imgs.shape[0], DRAWS, d)))
+
+
 def unlearning_step(cfg: UnlearnConfig, student: nn.Module, d: Dist) -> tuple[nn.Module, Callable]:
     """The trainer's step for cfg.method: marks what trains in student (on d.device), makes the
     frozen teacher, and returns (the module to train and wrap for DDP, loss_fn(batch, generator,
@@ -156,6 +172,7 @@ def unlearning_step(cfg: UnlearnConfig, student: nn.Module, d: Dist) -> tuple[nn
     if d.device.type == "cuda":
         teacher = teacher.to(torch.bfloat16)
     length, alpha = student.num_patches, cfg.forget_weight
+    augmented = _augmenter(resolve_augment(cfg.augment, cfg.data), student.patch_embed.img_size[0], d)
 
     def noise_images(imgs, is_forget, gen):
         return make_teacher_batch(imgs, is_forget, noise=cfg.noise, clamp=(0.0, 1.0), generator=gen,
@@ -163,6 +180,7 @@ def unlearning_step(cfg: UnlearnConfig, student: nn.Module, d: Dist) -> tuple[nn
 
     def loss_fn(batch, gen, module):
         imgs, is_forget = batch
+        imgs = augmented(imgs, gen)
         ids_keep, ids_restore, mask = random_masking(imgs.shape[0], length, cfg.mask_ratio, device=d.device,
                                                      noise=_rank_rows(gen, imgs.shape[0], length, d))
         if cfg.method in ("ours", "random-encoder"):
@@ -205,7 +223,7 @@ def unlearn(cfg: UnlearnConfig) -> dict:
     torch.manual_seed(cfg.loop.seed)
     original = load_mae(cfg.checkpoint, cfg.model)
     name = original.config_name
-    size = original.patch_embed.img_size[0]
+    size = source_size(original.patch_embed.img_size[0], resolve_augment(cfg.augment, cfg.data))
     dataset = data_lib.load(cfg.data, size, what="--data directory")
     proxy_data = data_lib.load(cfg.proxy_data, size, what="--proxy-data directory") if cfg.proxy_data else None
     sets = data_lib.select(dataset, cfg.forget_classes, cfg.retain_classes, cfg.proxy_classes, proxy_data,
@@ -235,7 +253,11 @@ class PretrainConfig:
     # random masks cannot fill large holes, and one cannot unlearn what a model never does.
     task_masks: bool = False
     device: Optional[str] = None
+    augment: Optional[str] = None  # as UnlearnConfig's
     loop: LoopConfig = field(default_factory=lambda: LoopConfig(out="pretrained", blr=1.5e-4))
+
+    def __post_init__(self):
+        require(self, "augment", self.augment is None or self.augment in AUGMENTS, f"None or one of {AUGMENTS}")
 
 
 class _Pretrain(nn.Module):
@@ -272,7 +294,9 @@ def pretrain(cfg: PretrainConfig) -> dict:
     d = setup_distributed(cfg.device)
     torch.manual_seed(cfg.loop.seed)
     model = create_mae(cfg.model).to(d.device)
-    dataset = data_lib.decode(data_lib.load(cfg.data, model.patch_embed.img_size[0], what="--data directory"))
+    augment, size = resolve_augment(cfg.augment, cfg.data), model.patch_embed.img_size[0]
+    dataset = data_lib.decode(data_lib.load(cfg.data, source_size(size, augment), what="--data directory"))
+    augmented = _augmenter(augment, size, d)
     steps_per_epoch = max(len(dataset) // (cfg.loop.batch_size * cfg.loop.accum_steps * d.world), 1)
 
     def epoch_order(epoch: int):
@@ -287,6 +311,7 @@ def pretrain(cfg: PretrainConfig) -> dict:
 
     def loss_fn(batch, gen, module):
         imgs, family = batch
+        imgs = augmented(imgs, gen)
         if family == RANDOM:
             noise, ratio = _rank_rows(gen, imgs.shape[0], model.num_patches, d), cfg.mask_ratio
         else:
