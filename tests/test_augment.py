@@ -74,3 +74,11 @@ def test_the_trainer_crops_each_step_as_its_generator_says():
     assert a.shape == (4, 1, 16, 16) and torch.equal(a, b)
     assert not torch.equal(a, augment(images, torch.Generator().manual_seed(1)))
     assert _augmenter("none", 16, Dist())(images, None) is images
+
+
+def test_pretraining_crops_too(tmp_path):
+    from fastforget.train import LoopConfig, PretrainConfig, pretrain
+
+    metrics = pretrain(PretrainConfig(device="cpu", augment="crop-flip",
+                                      loop=LoopConfig(out=str(tmp_path), epochs=0.05, batch_size=32, progress=False)))
+    assert metrics["step"] >= 1 and (tmp_path / "checkpoint.pt").exists()
