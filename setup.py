@@ -15,7 +15,8 @@ packages = ["fastforget", "fastforget.ops", "fastforget.bench", "fastforget.data
             "fastforget.train", "fastforget.kernels"]
 packages += [f"fastforget.csrc.{d}" for d in native_dirs]
 package_dir.update({f"fastforget.csrc.{d}": f"csrc/{d}" for d in native_dirs})
-package_data = {f"fastforget.csrc.{d}": ["*.cpp", "*.cu", "*.cuh", "*.h"] for d in native_dirs}  # native.NATIVE_SUFFIXES
+# the suffixes of native.NATIVE_SUFFIXES
+package_data = {f"fastforget.csrc.{d}": ["*.cpp", "*.cu", "*.cuh", "*.h"] for d in native_dirs}
 package_data["fastforget.data"] = ["digits.csv.gz"]
 
 ext_modules, cmdclass = [], {}

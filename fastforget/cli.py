@@ -68,6 +68,7 @@ def main(argv=None) -> int:
         p.add_argument("--batch-size", type=int, default=64, help="per rank and micro-batch")
         p.add_argument("--accum-steps", type=int, default=1, help="gradient accumulation")
         p.add_argument("--blr", type=float, default=blr, help="base lr: lr = blr * global batch / 256")
+        p.add_argument("--min-lr", type=float, default=0.0, help="where the cosine schedule ends")
         p.add_argument("--weight-decay", type=float, default=0.05)
         p.add_argument("--warmup-fraction", type=float, default=0.05)
         p.add_argument("--clip-grad", type=float, default=3.0)
@@ -133,7 +134,8 @@ def main(argv=None) -> int:
         from .train import LoopConfig, PretrainConfig, UnlearnConfig, pretrain as run_pretrain, unlearn as run_unlearn
 
         loop = LoopConfig(out=args.out, epochs=args.epochs, batch_size=args.batch_size, accum_steps=args.accum_steps,
-                          blr=args.blr, weight_decay=args.weight_decay, warmup_fraction=args.warmup_fraction,
+                          blr=args.blr, min_lr=args.min_lr, weight_decay=args.weight_decay,
+                          warmup_fraction=args.warmup_fraction,
                           clip_grad=args.clip_grad or None, seed=args.seed, log_every=args.log_every,
                           save_every=args.save_every, stop_after=args.stop_after, resume=args.resume,
                           compile=args.compile, deterministic=args.deterministic)

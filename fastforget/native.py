@@ -89,6 +89,17 @@ _CPU_ISA_FLAGS = {
 }
 
 
+def cuda_arch_list() -> str:
+    """The GPU architectures the CUDA extension is built for: TORCH_CUDA_ARCH_LIST, else those of
+    the GPUs here (as torch would pick), else Hopper's (no GPU to ask)."""
+    if os.environ.get("TORCH_CUDA_ARCH_LIST"):
+        return os.environ["TORCH_CUDA_ARCH_LIST"]
+    if torch.cuda.is_available():
+        found = {"%d.%d" % torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())}
+        return ";".join(sorted(found))
+    return "9.0"
+
+
 def cpu_capability() -> str:
     """ATen's CPU capability here (DEFAULT, AVX2, AVX512, ...): the CPU extension is built for it."""
     return torch.backends.cpu.get_cpu_capability()
@@ -124,8 +135,7 @@ def _check_toolchain(name: str) -> None:
         import torch.utils.cpp_extension as cpp_extension
 
         cpp_extension.CUDA_HOME = os.environ["CUDA_HOME"]  # torch guessed it at import time
-        if not torch.cuda.is_available() and not os.environ.get("TORCH_CUDA_ARCH_LIST"):
-            os.environ["TORCH_CUDA_ARCH_LIST"] = "9.0"  # no GPU to ask: build for Hopper
+        os.environ["TORCH_CUDA_ARCH_LIST"] = cuda_arch_list()
 
 
 _failures: dict[str, str] = {}  # extension -> why it did not build: asked again, it says so at once
@@ -150,12 +160,16 @@ def load(name: str) -> str:
 
 @functools.lru_cache(maxsize=None)
 def build_key(name: str) -> str:
-    """What an extension's binary depends on: its sources and headers, torch's version and, for the
-    CPU, the vector ISA it is built for. A prebuilt file carries it in its name."""
+    """What an extension's binary depends on: its sources and headers, torch's version, the compile
+    flags (not the machine's include paths) and, for the CPU, the vector ISA, for CUDA the
+    architectures. A prebuilt file carries it in its name."""
     root = csrc_dir()
     files = sorted(path for folder in ("common", name) for ext in NATIVE_SUFFIXES
                    for path in glob.glob(os.path.join(root, folder, f"*{ext}")))
-    digest = hashlib.sha256(f"{torch.__version__} {cpu_capability() if name == 'cpu' else ''}".encode())
+    flags = [f for values in _flags(name).values() for f in values
+             if not os.path.isabs(f) and not f.startswith(("-idirafter", "-isystem"))]
+    target = cpu_capability() if name == "cpu" else cuda_arch_list()
+    digest = hashlib.sha256(f"{torch.__version__} {target} {flags}".encode())
     for path in files:
         digest.update(os.path.relpath(path, root).encode())
         with open(path, "rb") as f:

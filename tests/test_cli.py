@@ -34,14 +34,19 @@ def test_bench_patch_and_teacher_run(tmp_path, capsys):
     assert any(r.startswith("patch,cpu,") for r in rows) and any(r.startswith("teacher,cpu,") for r in rows)
 
 
+UNLEARN = ["unlearn", "--checkpoint", "x.pt", "--forget-classes", "0"]
+
+
 @pytest.mark.parametrize("argv,match", [
-    (["unlearn", "--checkpoint", "x.pt", "--forget-classes", "0", "--batch-size", "0"], r"batch_size \(--batch-size\) must be an int >= 1, got 0"),
-    (["unlearn", "--checkpoint", "x.pt", "--forget-classes", "0", "--accum-steps", "0"], r"accum_steps \(--accum-steps\) must be"),
+    (UNLEARN + ["--batch-size", "0"], r"batch_size \(--batch-size\) must be an int >= 1, got 0"),
+    (UNLEARN + ["--accum-steps", "0"], r"accum_steps \(--accum-steps\) must be"),
     (["pretrain", "--log-every", "0"], r"log_every \(--log-every\) must be an int >= 1"),
     (["pretrain", "--epochs", "nan"], r"epochs \(--epochs\) must be a finite number > 0"),
     (["pretrain", "--warmup-fraction", "1"], r"warmup_fraction \(--warmup-fraction\) must be a number in \[0, 1\)"),
-    (["unlearn", "--checkpoint", "x.pt", "--forget-classes", "0", "--forget-weight", "-1"], r"forget_weight \(--forget-weight\)"),
-    (["unlearn", "--checkpoint", "x.pt", "--forget-classes", "0", "--mask-ratio", "1"], r"mask_ratio \(--mask-ratio\)"),
+    (["pretrain", "--mask-ratio", "1"], r"mask_ratio \(--mask-ratio\) must be a number in \[0, 1\)"),
+    (["pretrain", "--min-lr", "-1"], r"min_lr \(--min-lr\) must be a finite number >= 0"),
+    (UNLEARN + ["--forget-weight", "-1"], r"forget_weight \(--forget-weight\)"),
+    (UNLEARN + ["--mask-ratio", "1"], r"mask_ratio \(--mask-ratio\)"),
 ])
 def test_bad_training_settings_are_named_before_any_work(argv, match):
     """Checked when the config is made: no checkpoint is read, no data loaded."""
@@ -51,7 +56,7 @@ def test_bad_training_settings_are_named_before_any_work(argv, match):
 
 @pytest.mark.parametrize("argv,match", [
     (["eval", "--models", "a.pt", "--forget-classes", "0", "--retain-classes", "1"], "--models must be NAME=CHECKPOINT"),
-    (["eval", "--models", "=a.pt", "--forget-classes", "0", "--retain-classes", "1"], "--models must be NAME=CHECKPOINT"),
+    (["eval", "--models", "=a.pt", "--forget-classes", "0", "--retain-classes", "1"], "--models must be NAME="),
     (["sweep", "--forget-weights", "0.1,a"], "--forget-weights must be comma-separated numbers >= 0"),
     (["sweep", "--forget-weights", "-0.5"], "--forget-weights must be comma-separated numbers >= 0"),
 ])

@@ -140,3 +140,21 @@ def test_eval_scores_models_on_image_folders(tmp_path):
                                   0.5, "encoder", str(tmp_path / "eval"))
     row = report["inpaint"]["again"]["forget"]
     assert row["mse"] > 0 and row["fid"] == pytest.approx(report["inpaint"]["original"]["forget"]["fid"])
+
+
+@pytest.mark.gpu
+def test_pixels_become_the_same_floats_on_the_gpu():
+    pixels = torch.arange(256, dtype=torch.uint8).view(1, 1, 16, 16)
+    assert torch.equal(data_lib.unit_float(pixels.cuda()).cpu(), data_lib.unit_float(pixels))
+
+
+@pytest.mark.gpu
+def test_unlearning_on_an_image_folder_on_the_gpu(tmp_path):
+    """uint8 pixels staged on the GPU, cropped and flipped there (the image folders' default)."""
+    from fastforget.train.loop import LoopConfig, load_checkpoint
+
+    ckpt = _rgb_checkpoint(tmp_path)
+    root = _folder(tmp_path / "d", classes=("cat", "dog"), per_class=8, size=20)
+    unlearn(UnlearnConfig(checkpoint=ckpt, data=str(root), forget_classes=("cat",), device="cuda",
+                          loop=LoopConfig(out=str(tmp_path / "run"), epochs=1, batch_size=4, progress=False)))
+    assert load_checkpoint(str(tmp_path / "run" / "checkpoint.pt"))["step"] == 4

@@ -36,6 +36,7 @@ import tempfile
 import traceback
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor, nn
@@ -273,7 +274,10 @@ def _serve(spec: Spec, conn) -> None:
     reps = max(2, spec.reps // ROUNDS)
     while (request := conn.recv()) is not None:
         if isinstance(request, str):
-            conn.send(profile_steps(step, device, request))
+            try:
+                conn.send(profile_steps(step, device, request))
+            except Exception:  # any: the timings are out already; the parent reports it
+                conn.send({"error": traceback.format_exc()})
         else:
             conn.send(median_ms(step, device, warmup=1, reps=reps, min_time_s=request))
 
@@ -305,12 +309,14 @@ def _reply(spec: Spec, process, conn):
         raise RuntimeError(f"bench step: provider {spec.name}'s process died (exit code {process.exitcode})") from None
 
 
-def run(specs: list[Spec], profile_dir: str | None = None) -> list[dict]:
+def run(specs: list[Spec], timed: Optional[Callable[[list[dict]], None]] = None,
+        profile_dir: Optional[str] = None) -> list[dict]:
     """Each spec built in a fresh spawned process of its own, then timed in ROUNDS rounds where the
     providers take turns: a machine whose speed wanders during the run (a shared 2-core VM does)
-    slows every provider alike. A provider's time is the median of its rounds' medians. With
-    profile_dir, each is then profiled into profile_dir/<name> (after the timing, which the
-    profiler would disturb)."""
+    slows every provider alike. A provider's time is the median of its rounds' medians. timed(the
+    results) is called as soon as they are in; then, with profile_dir, each provider is profiled
+    into profile_dir/<name> (after the timing, which the profiler would disturb, and after the
+    results are out, so a time limit or a profiler failure cannot cost them)."""
     context = multiprocessing.get_context("spawn")
     cpu_peaks = {}
     for spec in specs:
@@ -332,11 +338,17 @@ def run(specs: list[Spec], profile_dir: str | None = None) -> list[dict]:
             for times, (spec, process, conn, _) in zip(rounds, workers):
                 conn.send(spec.min_time_s / ROUNDS)
                 times.append(_reply(spec, process, conn))
+        results = [{"spec": spec, "ms": statistics.median(times), "rounds": times, "peak_mb": cpu_peaks.get(spec),
+                    **info} for times, (spec, _, _, info) in zip(rounds, workers)]
+        if timed:
+            timed(results)
         if profile_dir:
             os.makedirs(profile_dir, exist_ok=True)
             for spec, process, conn, _ in workers:
                 conn.send(os.path.join(os.path.abspath(profile_dir), spec.name))
-                _reply(spec, process, conn)
+                reply = _reply(spec, process, conn)
+                failed = isinstance(reply, dict)
+                print(f"profile of {spec.name}: " + (f"failed:\n{reply['error']}" if failed else reply))
     finally:
         for _, process, conn, _ in workers:
             if process.is_alive():
@@ -344,8 +356,7 @@ def run(specs: list[Spec], profile_dir: str | None = None) -> list[dict]:
             process.join(timeout=60)
             if process.is_alive():
                 process.kill()
-    return [{"spec": spec, "ms": statistics.median(times), "rounds": times, "peak_mb": cpu_peaks.get(spec), **info}
-            for times, (spec, _, _, info) in zip(rounds, workers)]
+    return results
 
 
 def rows(results: list[dict], matmul_rate: float, commit: str) -> list[dict]:
@@ -404,15 +415,18 @@ def main(args) -> int:
         raise ValueError(f"--providers: unknown {unknown}; expected a comma-separated subset of {PROVIDERS}")
     specs = [Spec(p, args.model, args.batch_size, args.mask_ratio, device, c, args.reps, args.min_time)
              for c in ([False, True] if args.compile else [False]) for p in providers]
-    results = run(specs, args.profile)
-    dev = torch.device(device)
-    rate = matmul_tflops(dev, torch.bfloat16 if dev.type == "cuda" else torch.float32)
-    table = rows(results, rate, harness.commit())
-    print(format_table(f"unlearning step, {args.model}, batch {args.batch_size}, mask {args.mask_ratio} on {device}; "
-                       f"matmul rate {rate:.2f} TFLOP/s, threads {torch.get_num_threads()}", table))
-    if args.csv:
-        append_csv(args.csv, table)
-        print(f"wrote {args.csv} and {draw(args.csv)}")
+    def report(results: list[dict]) -> None:
+        dev = torch.device(device)
+        rate = matmul_tflops(dev, torch.bfloat16 if dev.type == "cuda" else torch.float32)
+        table = rows(results, rate, harness.commit())
+        print(format_table(f"unlearning step, {args.model}, batch {args.batch_size}, mask {args.mask_ratio} on "
+                           f"{device}; matmul rate {rate:.2f} TFLOP/s, threads {torch.get_num_threads()}", table),
+              flush=True)
+        if args.csv:
+            append_csv(args.csv, table)
+            print(f"wrote {args.csv} and {draw(args.csv)}", flush=True)
+
+    run(specs, report, args.profile)
     if args.profile:
         print(f"profiles of {PROFILED_STEPS} steps per provider: {args.profile}/<provider>.txt and .json.gz")
     return 0

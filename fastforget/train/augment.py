@@ -9,8 +9,10 @@ exact on resume, and no data-loader workers.
 
 Kept from torchvision: the area fraction uniform in `scale`, the log aspect ratio uniform in
 `ratio`, up to TRIES draws for a crop that fits and the whole image when none does, offsets uniform
-over where the crop fits, a flip one time in two. Changed: positions and sizes are continuous
-rather than whole pixels, and the bicubic resize does not antialias (at most an 8/7 reduction).
+over where the crop fits, a flip one time in two. Changed: crops come from the square copy held
+in memory (a non-square photo's aspect squashed first, a small crop enlarged from 8/7 of the
+model's side rather than from the full-size file); positions and sizes are continuous rather than
+whole pixels; the bicubic resize does not antialias (at most an 8/7 reduction).
 """
 from __future__ import annotations
 

@@ -72,8 +72,11 @@ def load_image_folder(path: str, size: int, what: str = "data directory") -> Ima
 
 def unit_float(images: Tensor) -> Tensor:
     """images as float32 in [0, 1]: uint8 pixels / 255 (exactly what torchvision's ToTensor gives),
-    float images as they are."""
-    return images.to(torch.float32).div_(255) if images.dtype == torch.uint8 else images
+    float images as they are. The 255 is a tensor on the images' device: CUDA divides by a Python
+    number as a multiply by its reciprocal, one ulp off for half the pixel values."""
+    if images.dtype != torch.uint8:
+        return images
+    return images.to(torch.float32).div_(torch.full((), 255.0, device=images.device))
 
 
 DECODE_THREADS = 16  # at most: PIL decodes and resizes outside the GIL

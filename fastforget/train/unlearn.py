@@ -258,6 +258,7 @@ class PretrainConfig:
 
     def __post_init__(self):
         require(self, "augment", self.augment is None or self.augment in AUGMENTS, f"None or one of {AUGMENTS}")
+        require(self, "mask_ratio", is_real(self.mask_ratio) and 0 <= self.mask_ratio < 1, "a number in [0, 1)")
 
 
 class _Pretrain(nn.Module):
