@@ -18,8 +18,10 @@ $(VENV)/.ready: pyproject.toml setup.py
 demo: $(VENV)/.ready
 	$(VENV)/bin/fastforget demo --out demo-out
 
+# The tests, then the pytest-benchmark suites once each, untimed, so they cannot rot.
 test: $(VENV)/.ready
 	$(PY) -m pytest -q -ra
+	$(PY) -m pytest -q benchmarks/ --benchmark-disable
 
 test-gpu: $(VENV)/.ready
 	$(PY) -m pytest -q -ra -m gpu
