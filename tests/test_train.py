@@ -76,6 +76,23 @@ def test_resume_repeats_the_uninterrupted_run_bitwise(original, tmp_path, augmen
         assert torch.equal(value, parts["model"][name]), name
 
 
+def test_resume_refuses_a_run_with_other_settings(original, tmp_path):
+    """Logging and saving may change on resume; what fixes the trajectory may not."""
+    _unlearn(original, tmp_path, stop_after=2)
+
+    def resume(forget_weight=0.2, batch_size=32):
+        unlearn(UnlearnConfig(checkpoint=original, forget_classes=("0", "1"), retain_classes=("2", "3"),
+                              device="cpu", forget_weight=forget_weight,
+                              loop=LoopConfig(out=str(tmp_path), epochs=0.5, batch_size=batch_size, blr=1e-3,
+                                              resume=True, progress=False)))
+    with pytest.raises(ValueError, match=r"--resume: .* other settings \(forget_weight was 0.2, now 0.5\)"):
+        resume(forget_weight=0.5)
+    with pytest.raises(ValueError, match=r"global_micro_batch was 32, now 16"):
+        resume(batch_size=16)
+    _unlearn(original, tmp_path, resume=True, save_every=1, augment="none")  # the digits' default, named
+    assert load_checkpoint(str(tmp_path / "checkpoint.pt"))["step"] > 2
+
+
 def test_compiled_step_trains_as_the_eager_one(original, tmp_path):
     """--compile: the same run under torch.compile ends where the eager run does, to float rounding."""
     eager = _unlearn(original, tmp_path / "eager")

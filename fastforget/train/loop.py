@@ -193,6 +193,26 @@ def deterministic_algorithms(on: bool):
             os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
 
 
+# The loop's settings that fix a run's trajectory (with the global micro-batch and the unlearning or
+# pretraining settings in checkpoint_extra()["settings"]): a run resumed with any of them changed
+# would repeat neither run, so --resume refuses it. How often it logs or saves may change.
+TRAJECTORY = ("epochs", "accum_steps", "blr", "min_lr", "weight_decay", "warmup_fraction", "clip_grad", "seed")
+
+
+def run_settings(cfg: LoopConfig, d: Dist, extra: dict) -> dict:
+    settings = {name: getattr(cfg, name) for name in TRAJECTORY}
+    settings["global_micro_batch"] = cfg.batch_size * d.world
+    return json.loads(json.dumps({**settings, **extra.get("settings", {})}))  # tuples as lists, as saved
+
+
+def _check_resumable(state: dict, now: dict, ckpt_path: str) -> None:
+    saved = state.get("settings", {})
+    changed = [f"{k} was {saved[k]!r}, now {v!r}" for k, v in now.items() if k in saved and saved[k] != v]
+    if changed:
+        raise ValueError(f"--resume: {ckpt_path} is from a run with other settings ({'; '.join(changed)}): "
+                         f"the resumed run would repeat neither; resume with its settings, or start in another --out")
+
+
 def _run(cfg, d, model, trainable, steps_per_epoch, batches, loss_fn, checkpoint_extra) -> dict:
     os.makedirs(cfg.out, exist_ok=True)
     ckpt_path = os.path.join(cfg.out, "checkpoint.pt")
@@ -207,8 +227,10 @@ def _run(cfg, d, model, trainable, steps_per_epoch, batches, loss_fn, checkpoint
     warmup = int(cfg.warmup_fraction * total)
     optimizer = make_optimizer(trainable, cfg.weight_decay, base_lr)
     start = 0
+    settings = run_settings(cfg, d, checkpoint_extra())
     if cfg.resume and os.path.exists(ckpt_path):
         state = load_checkpoint(ckpt_path)
+        _check_resumable(state, settings, ckpt_path)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         start = int(state["step"])
@@ -263,7 +285,7 @@ def _run(cfg, d, model, trainable, steps_per_epoch, batches, loss_fn, checkpoint
         if saving:
             if d.main:
                 save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": done,
-                             "loop": asdict(cfg), **checkpoint_extra()}, ckpt_path)
+                             "loop": asdict(cfg), **checkpoint_extra(), "settings": settings}, ckpt_path)
             saved = done
     if bar is not None:
         bar.close()

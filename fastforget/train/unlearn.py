@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import copy
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Callable, Optional, Sequence
 
 import torch
@@ -239,8 +239,11 @@ def unlearn(cfg: UnlearnConfig) -> dict:
     student = original.to(d.device)
     module, loss_fn = unlearning_step(cfg, student, d)
     config = {"model": name, "overrides": {}}
+    settings = {k: v for k, v in asdict(cfg).items() if k not in ("loop", "device", "checkpoint")}
+    settings["augment"] = resolve_augment(cfg.augment, cfg.data)
     return run(cfg.loop, d, student, module, steps_per_epoch, batches, loss_fn,
-               lambda: {"config": config, "method": cfg.method, "forget_classes": list(cfg.forget_classes)})
+               lambda: {"config": config, "method": cfg.method, "forget_classes": list(cfg.forget_classes),
+                        "settings": settings})
 
 
 @dataclass
@@ -320,5 +323,6 @@ def pretrain(cfg: PretrainConfig) -> dict:
         with _autocast(d.device):
             return {"loss": module(imgs, noise, ratio)}
 
+    settings = {**{k: v for k, v in asdict(cfg).items() if k not in ("loop", "device")}, "augment": augment}
     return run(cfg.loop, d, model, _Pretrain(model), steps_per_epoch, batches, loss_fn,
-               lambda: {"config": {"model": cfg.model, "overrides": {}}})
+               lambda: {"config": {"model": cfg.model, "overrides": {}}, "settings": settings})
