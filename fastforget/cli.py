@@ -120,6 +120,8 @@ def main(argv=None) -> int:
     ev.add_argument("--ratio", type=float, default=0.5, help="side of the centre square, as a fraction")
     ev.add_argument("--features", default="digits", help="digits, encoder or inception:PATH")
     ev.add_argument("--out", default="eval-out")
+    ev.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
+    ev.add_argument("--batch-size", type=int, default=256, help="images per model call")
     sweep = sub.add_parser("sweep", help="ours over forget weights on the digits: the retain/forget trade-off curve")
     sweep.add_argument("--forget-weights", default="0.05,0.1,0.2,0.5,1.0")
     sweep.add_argument("--task", default="inpaint", choices=["inpaint", "outpaint"])
@@ -161,7 +163,7 @@ def main(argv=None) -> int:
         evaluate_checkpoints(dict(pairs), args.data,
                              split(args.forget_classes), split(args.retain_classes),
                              ("inpaint", "outpaint") if args.task == "both" else (args.task,), args.ratio,
-                             args.features, args.out)
+                             args.features, args.out, args.device, args.batch_size)
         return 0
     if args.command == "sweep":
         from .train.sweep import run as run_sweep

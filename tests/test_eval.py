@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from fastforget.eval.features import Extractor, extractor
+from fastforget.eval.features import Extractor, embed_all, extractor
 from fastforget.eval.run import evaluate
 from fastforget.eval.tasks import complete, removed_patches
 from fastforget.models import create_mae
@@ -29,6 +29,12 @@ def test_completion_keeps_the_given_pixels():
     assert not torch.equal(out, images)
 
 
+def _pixels(device="cpu"):
+    """A stand-in extractor: the first pixels as features and logits."""
+    return Extractor("fake", lambda x: (x.flatten(1)[:, :8], x.flatten(1)[:, :10]), labels=True,
+                     device=torch.device(device))
+
+
 def _sets(n=12):
     g = torch.Generator().manual_seed(0)
     return {s: ImageSet(torch.rand(n, 1, 16, 16, generator=g), torch.randint(0, 10, (n,), generator=g),
@@ -49,6 +55,35 @@ def test_evaluate_writes_the_reference_formats(tmp_path):
     assert json.load(open(tmp_path / "report.json"))["outpaint"]["original"]["retain"]["mse"] > 0
     for name in ("results.md", "grid_inpaint.png", "grid_outpaint.png", "tsne_inpaint.png"):
         assert (tmp_path / name).stat().st_size > 100, name
+
+
+def test_batches_change_nothing_but_rounding():
+    models = {"original": create_mae("mae_vit_tiny")}
+    fake = Extractor("fake", lambda x: (x.flatten(1)[:, :8], x.flatten(1)[:, :10]), labels=True)
+    whole = evaluate(models, _sets(), fake, ("inpaint",), 0.5)
+    batched = evaluate(models, _sets(), fake, ("inpaint",), 0.5, batch_size=5)
+    for s in ("retain", "forget"):
+        for metric, value in whole["inpaint"]["original"][s].items():
+            assert batched["inpaint"]["original"][s][metric] == pytest.approx(value, rel=1e-4, abs=1e-6), metric
+    with pytest.raises(ValueError, match=r"batch_size \(--batch-size\) must be an int >= 1, got 0"):
+        evaluate(models, _sets(), fake, ("inpaint",), 0.5, batch_size=0)
+
+
+@pytest.mark.gpu
+def test_evaluation_on_the_gpu_matches_the_cpu():
+    """Models and features on the GPU, metrics from what they return (8 features: FID well posed)."""
+    models = {"original": create_mae("mae_vit_tiny").eval()}
+    on_cpu = evaluate(models, _sets(), _pixels(), ("inpaint",), 0.5)
+    on_gpu = evaluate({k: m.cuda() for k, m in models.items()}, _sets(), _pixels("cuda"), ("inpaint",), 0.5)
+    for s in ("retain", "forget"):
+        for metric, value in on_cpu["inpaint"]["original"][s].items():
+            assert on_gpu["inpaint"]["original"][s][metric] == pytest.approx(value, rel=1e-3, abs=1e-4), metric
+    images = _sets()["retain"].images
+    for spec in ("digits", "encoder"):
+        cpu = embed_all(extractor(spec, models["original"].cpu()), images)[0]
+        gpu = embed_all(extractor(spec, models["original"].cuda(), device="cuda"), images)[0]
+        assert gpu.device.type == "cpu"
+        torch.testing.assert_close(gpu, cpu, rtol=1e-3, atol=1e-4)
 
 
 def test_feature_extractors(tmp_path):

@@ -23,6 +23,7 @@ class Extractor:
     name: str
     embed: Callable[[Tensor], tuple[Tensor, Optional[Tensor]]]  # images -> (features, logits or None)
     labels: bool  # whether logits are the data's classes (accuracy is meaningful)
+    device: torch.device = torch.device("cpu")  # where embed runs; embed_all brings images there
 
 
 class DigitsClassifier(nn.Module):
@@ -69,39 +70,42 @@ def digits_classifier(size: int = 16, epochs: int = 15, seed: int = 0) -> Digits
     return model.eval()
 
 
-def extractor(spec: str, original=None) -> Extractor:
-    """`digits`, `encoder` (needs the original model) or `inception:PATH`."""
+def extractor(spec: str, original=None, device="cpu") -> Extractor:
+    """`digits`, `encoder` (needs the original model, and runs where it is) or `inception:PATH`,
+    on `device`."""
+    device = torch.device(device)
     if spec == "digits":
-        clf = digits_classifier()
-        return Extractor("digits", lambda x: clf(x), labels=True)
+        clf = digits_classifier().to(device)
+        return Extractor("digits", lambda x: clf(x), labels=True, device=device)
     if spec == "encoder":
         if original is None:
             raise ValueError("--features encoder needs the original model")
 
         def embed(x: Tensor):
-            ids = torch.arange(original.num_patches).expand(x.shape[0], -1)
+            ids = torch.arange(original.num_patches, device=x.device).expand(x.shape[0], -1)
             return original.encode(x, ids)[:, 1:].mean(1), None
-        return Extractor("encoder", embed, labels=False)
+        return Extractor("encoder", embed, labels=False, device=next(original.parameters()).device)
     if spec.startswith("inception:"):
         path = spec.split(":", 1)[1]
         if not os.path.exists(path):
             raise FileNotFoundError(f"--features {spec}: no TorchScript file at {path!r}")
-        net = torch.jit.load(path, map_location="cpu").eval()
+        net = torch.jit.load(path, map_location=device).eval()
 
         def embed(x: Tensor):
             x = nn.functional.interpolate(x.expand(-1, 3, -1, -1), size=(299, 299), mode="bilinear") * 255
             out = net(x)
             return (out[0], out[1]) if isinstance(out, (tuple, list)) else (out, None)
-        return Extractor("inception", embed, labels=False)
+        return Extractor("inception", embed, labels=False, device=device)
     raise ValueError(f"--features must be 'digits', 'encoder' or 'inception:PATH', got {spec!r}")
 
 
 @torch.no_grad()
 def embed_all(ex: Extractor, images: Tensor, batch: int = 256) -> tuple[Tensor, Optional[Tensor]]:
+    """(features, logits or None) of images, float32 on the CPU, batch images at a time on ex.device."""
     feats, logits = [], []
     for chunk in images.split(batch):
-        f, lg = ex.embed(chunk)
-        feats.append(f.float())
+        f, lg = ex.embed(chunk.to(ex.device))
+        feats.append(f.float().cpu())
         if lg is not None:
-            logits.append(lg.float())
+            logits.append(lg.float().cpu())
     return torch.cat(feats), (torch.cat(logits) if logits else None)

@@ -10,6 +10,7 @@ import os
 from typing import Optional
 
 import torch
+from torch import Tensor
 
 from . import metrics
 from .features import Extractor, embed_all
@@ -20,8 +21,12 @@ SETS = ("retain", "forget")
 
 @torch.no_grad()
 def evaluate(models: dict, sets: dict, extractor: Extractor, tasks=("inpaint", "outpaint"), ratio: float = 0.5,
-             out: Optional[str] = None) -> dict:
-    """report[task][model][set] = {mse, psnr, fid, is_mean, is_std, cosine, accuracy}; files under out."""
+             out: Optional[str] = None, batch_size: int = 256) -> dict:
+    """report[task][model][set] = {mse, psnr, fid, is_mean, is_std, cosine, accuracy}; files under out.
+    Each model completes its images batch_size at a time on its own device; the metrics are
+    computed on the CPU."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size (--batch-size) must be an int >= 1, got {batch_size!r}")
     report: dict = {}
     truth = {s: embed_all(extractor, sets[s].images) for s in SETS}
     generated: dict = {}
@@ -33,7 +38,7 @@ def evaluate(models: dict, sets: dict, extractor: Extractor, tasks=("inpaint", "
             report[task][name] = {}
             for s in SETS:
                 images, labels = sets[s].images, sets[s].labels
-                output, region = complete(model, images, removed)
+                output, region = _complete_all(model, images, removed, batch_size)
                 generated[(task, name, s)] = output
                 mse = metrics.region_mse(output, images, region)
                 feats, logits = embed_all(extractor, output)
@@ -53,16 +58,28 @@ def evaluate(models: dict, sets: dict, extractor: Extractor, tasks=("inpaint", "
     return report
 
 
+def _complete_all(model, images: Tensor, removed: Tensor, batch_size: int) -> tuple[Tensor, Tensor]:
+    """complete() over images in batches on the model's device; the results on the CPU."""
+    device = next(model.parameters()).device
+    outputs, region = [], None
+    for chunk in images.split(batch_size):
+        output, region = complete(model, chunk.to(device), removed)
+        outputs.append(output.cpu())
+    return torch.cat(outputs), region.cpu()
+
+
 def evaluate_checkpoints(checkpoints: dict, data: str, forget, retain, tasks, ratio: float, features: str,
-                         out: str) -> dict:
-    """`fastforget eval`: models by checkpoint path (the first is the original), sets by class."""
+                         out: str, device: Optional[str] = None, batch_size: int = 256) -> dict:
+    """`fastforget eval`: models by checkpoint path (the first is the original), sets by class, on
+    device (default: CUDA when present)."""
     from ..models import load_mae
     from ..train import data as data_lib
     from .features import extractor
 
     if not checkpoints:
         raise ValueError("--models must name at least one NAME=CHECKPOINT")
-    models = {name: load_mae(path) for name, path in checkpoints.items()}
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    models = {name: load_mae(path).to(device) for name, path in checkpoints.items()}
     original = next(iter(models.values()))
     dataset = data_lib.load(data, original.patch_embed.img_size[0], split="test", what="--data directory")
     sets = {}
@@ -72,7 +89,7 @@ def evaluate_checkpoints(checkpoints: dict, data: str, forget, retain, tasks, ra
         sets[s] = dataclasses.replace(decoded, images=data_lib.unit_float(decoded.images))
         if len(sets[s]) < 10:
             raise ValueError(f"the {s} classes {list(names)} have {len(sets[s])} test images; 10 at least")
-    report = evaluate(models, sets, extractor(features, original), tasks, ratio, out)
+    report = evaluate(models, sets, extractor(features, original, device), tasks, ratio, out, batch_size)
     print(markdown(report))
     return report
 
