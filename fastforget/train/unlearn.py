@@ -54,12 +54,13 @@ class UnlearnConfig:
     method: str = "ours"
     model: Optional[str] = None  # from the checkpoint when it records it
     device: Optional[str] = None
-    augment: Optional[str] = None  # AUGMENTS; None: the reference's crop-flip on image folders, none on the digits
+    augment: Optional[str] = None  # one of AUGMENTS; None: default_augment(data)
     loop: LoopConfig = field(default_factory=lambda: LoopConfig(out="unlearned"))
 
     def __post_init__(self):
         require(self, "method", self.method in METHODS, f"one of {METHODS}")
-        require(self, "augment", self.augment is None or self.augment in AUGMENTS, f"None or one of {AUGMENTS}")
+        self.augment = default_augment(self.data) if self.augment is None else self.augment
+        require(self, "augment", self.augment in AUGMENTS, f"None or one of {AUGMENTS}")
         require(self, "forget_weight", is_real(self.forget_weight) and self.forget_weight >= 0, "a finite number >= 0")
         for name in ("retain_ratio", "proxy_ratio"):
             require(self, name, is_real(getattr(self, name)) and getattr(self, name) >= 0, "a finite number >= 0")
@@ -144,10 +145,10 @@ def _rank_rows(gen: torch.Generator, batch: int, length: int, d: Dist) -> Tensor
     return noise[d.rank * batch:(d.rank + 1) * batch]
 
 
-def resolve_augment(augment: Optional[str], data: str) -> str:
-    """None means the reference's crop-flip for image folders and none for the digits (8x8
-    strokes, which a mirror or a fifth of the image would not keep)."""
-    return augment if augment is not None else ("none" if data == "digits" else "crop-flip")
+def default_augment(data: str) -> str:
+    """The reference's crop-flip for image folders, none for the digits (8x8 strokes, which a
+    mirror or a fifth of the image would not keep)."""
+    return "none" if data == "digits" else "crop-flip"
 
 
 def _augmenter(augment: str, size: int, d: Dist) -> Callable[[Tensor, torch.Generator], Tensor]:
@@ -172,7 +173,7 @@ def unlearning_step(cfg: UnlearnConfig, student: nn.Module, d: Dist) -> tuple[nn
     if d.device.type == "cuda":
         teacher = teacher.to(torch.bfloat16)
     length, alpha = student.num_patches, cfg.forget_weight
-    augmented = _augmenter(resolve_augment(cfg.augment, cfg.data), student.patch_embed.img_size[0], d)
+    augmented = _augmenter(cfg.augment, student.patch_embed.img_size[0], d)
 
     def noise_images(imgs, is_forget, gen):
         return make_teacher_batch(imgs, is_forget, noise=cfg.noise, clamp=(0.0, 1.0), generator=gen,
@@ -223,7 +224,7 @@ def unlearn(cfg: UnlearnConfig) -> dict:
     torch.manual_seed(cfg.loop.seed)
     original = load_mae(cfg.checkpoint, cfg.model)
     name = original.config_name
-    size = source_size(original.patch_embed.img_size[0], resolve_augment(cfg.augment, cfg.data))
+    size = source_size(original.patch_embed.img_size[0], cfg.augment)
     dataset = data_lib.load(cfg.data, size, what="--data directory")
     proxy_data = data_lib.load(cfg.proxy_data, size, what="--proxy-data directory") if cfg.proxy_data else None
     sets = data_lib.select(dataset, cfg.forget_classes, cfg.retain_classes, cfg.proxy_classes, proxy_data,
@@ -240,7 +241,6 @@ def unlearn(cfg: UnlearnConfig) -> dict:
     module, loss_fn = unlearning_step(cfg, student, d)
     config = {"model": name, "overrides": {}}
     settings = {k: v for k, v in asdict(cfg).items() if k not in ("loop", "device", "checkpoint")}
-    settings["augment"] = resolve_augment(cfg.augment, cfg.data)
     return run(cfg.loop, d, student, module, steps_per_epoch, batches, loss_fn,
                lambda: {"config": config, "method": cfg.method, "forget_classes": list(cfg.forget_classes),
                         "settings": settings})
@@ -256,11 +256,12 @@ class PretrainConfig:
     # random masks cannot fill large holes, and one cannot unlearn what a model never does.
     task_masks: bool = False
     device: Optional[str] = None
-    augment: Optional[str] = None  # as UnlearnConfig's
+    augment: Optional[str] = None  # one of AUGMENTS; None: default_augment(data)
     loop: LoopConfig = field(default_factory=lambda: LoopConfig(out="pretrained", blr=1.5e-4))
 
     def __post_init__(self):
-        require(self, "augment", self.augment is None or self.augment in AUGMENTS, f"None or one of {AUGMENTS}")
+        self.augment = default_augment(self.data) if self.augment is None else self.augment
+        require(self, "augment", self.augment in AUGMENTS, f"None or one of {AUGMENTS}")
         require(self, "mask_ratio", is_real(self.mask_ratio) and 0 <= self.mask_ratio < 1, "a number in [0, 1)")
 
 
@@ -298,9 +299,9 @@ def pretrain(cfg: PretrainConfig) -> dict:
     d = setup_distributed(cfg.device)
     torch.manual_seed(cfg.loop.seed)
     model = create_mae(cfg.model).to(d.device)
-    augment, size = resolve_augment(cfg.augment, cfg.data), model.patch_embed.img_size[0]
-    dataset = data_lib.decode(data_lib.load(cfg.data, source_size(size, augment), what="--data directory"))
-    augmented = _augmenter(augment, size, d)
+    size = model.patch_embed.img_size[0]
+    dataset = data_lib.decode(data_lib.load(cfg.data, source_size(size, cfg.augment), what="--data directory"))
+    augmented = _augmenter(cfg.augment, size, d)
     steps_per_epoch = max(len(dataset) // (cfg.loop.batch_size * cfg.loop.accum_steps * d.world), 1)
 
     def epoch_order(epoch: int):
@@ -323,6 +324,6 @@ def pretrain(cfg: PretrainConfig) -> dict:
         with _autocast(d.device):
             return {"loss": module(imgs, noise, ratio)}
 
-    settings = {**{k: v for k, v in asdict(cfg).items() if k not in ("loop", "device")}, "augment": augment}
+    settings = {k: v for k, v in asdict(cfg).items() if k not in ("loop", "device")}
     return run(cfg.loop, d, model, _Pretrain(model), steps_per_epoch, batches, loss_fn,
                lambda: {"config": {"model": cfg.model, "overrides": {}}, "settings": settings})
