@@ -41,7 +41,7 @@ def crop_flip_params(uniforms: Tensor) -> Tensor:
     aspect = torch.exp(log_lo + (log_hi - log_lo) * uniforms[:, TRIES:2 * TRIES])
     width, height = torch.sqrt(area * aspect), torch.sqrt(area / aspect)
     fits = (width <= 1) & (height <= 1)
-    first = fits.to(torch.uint8).argmax(1, keepdim=True)  # the first try that fits (0 when none)
+    first = fits.to(torch.int32).argmax(1, keepdim=True)  # the first try that fits (0 when none)
     any_fit = fits.any(1)
     one = torch.ones_like(any_fit, dtype=width.dtype)
     width = torch.where(any_fit, width.gather(1, first)[:, 0], one)  # none fits: the whole image
