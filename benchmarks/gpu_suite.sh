@@ -3,8 +3,9 @@
 # leave six files in $OUT (default ./gpu-out; the device tool brings back at most eight):
 # results.md (the tables, the fastforget step's top GPU ops, the tests' summary), step.csv/.png,
 # ops.csv/.png and logs.tar.gz (every log, ptxas's report, each provider's profile and trace).
-# Stage limits add up to about 8 minutes; results.md is written however the script ends, so a
-# stopped run still reports what it measured (bench ops writes its CSV and plot row by row).
+# Stage limits add up to 8 minutes (90 + 150 + 30 + 120 + 90 s); results.md is written however the
+# script ends, so a stopped run still reports what it measured (bench ops writes its CSV and plot
+# row by row, the attention rows last).
 #   FASTFORGET_COMMIT=$(git rev-parse --short HEAD) bash benchmarks/gpu_suite.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -64,5 +65,5 @@ timeout 120 $PY -m fastforget.cli bench step --model mae_vit_large_patch16 --bat
 step_rc=$?
 
 step "bench ops (every op, MAE/MAGE shapes, against the roofline)"
-timeout 120 $PY -m fastforget.cli bench ops --device cuda --reps 20 --csv "$OUT/ops.csv" >"$LOGS/ops.log" 2>&1
+timeout 90 $PY -m fastforget.cli bench ops --device cuda --reps 20 --csv "$OUT/ops.csv" >"$LOGS/ops.log" 2>&1
 ops_rc=$?
