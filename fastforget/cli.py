@@ -2,20 +2,44 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
-from torch.distributed.elastic.multiprocessing.errors import record
+from torch.distributed.elastic.multiprocessing.errors import get_error_handler, record
+
+from .errors import InvalidValue, UserError, one_line
+
+
+def count(text: str) -> int:
+    """argparse type: an int >= 1 (batch sizes, shapes, repetitions)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an int >= 1, got {text!r}")
+    return value
+
+
+def ratio(text: str) -> float:
+    """argparse type: a mask ratio in [0, 1)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"must be a number in [0, 1), got {text!r}")
+    return value
 
 
 def _common(parser: argparse.ArgumentParser, dtype: str = "float32") -> None:
     parser.add_argument("--dtype", default=dtype, choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
-    parser.add_argument("--reps", type=int, default=10, help="timed repetitions at least")
+    parser.add_argument("--reps", type=count, default=10, help="timed repetitions at least")
     parser.add_argument("--csv", default=None, help="append one row per provider to this CSV file")
 
 
-@record  # under torchrun, a failing rank's traceback reaches the run's error summary
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fastforget", description="Fast machine unlearning for image-to-image models.")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="versions, device, and every backend with available / why not")
@@ -23,40 +47,40 @@ def main(argv=None) -> int:
     ops = bench.add_subparsers(dest="op", required=True)
 
     loss = ops.add_parser("loss", help="unlearn_loss forward+backward")
-    loss.add_argument("--shape", type=int, nargs="+", default=[256, 50, 1024], help="student shape (B, ...)")
+    loss.add_argument("--shape", type=count, nargs="+", default=[256, 50, 1024], help="student shape (B, ...)")
     _common(loss)
     patch = ops.add_parser("patch", help="masked_patch_embed forward+backward")
-    patch.add_argument("--batch-size", type=int, default=64)
-    patch.add_argument("--image-size", type=int, default=224)
-    patch.add_argument("--patch-size", type=int, default=16)
-    patch.add_argument("--dim", type=int, default=768)
-    patch.add_argument("--mask-ratio", type=float, default=0.75)
+    patch.add_argument("--batch-size", type=count, default=64)
+    patch.add_argument("--image-size", type=count, default=224)
+    patch.add_argument("--patch-size", type=count, default=16)
+    patch.add_argument("--dim", type=count, default=768)
+    patch.add_argument("--mask-ratio", type=ratio, default=0.75)
     _common(patch)
     attn = ops.add_parser("attention", help="qkv_attention forward+backward")
-    attn.add_argument("--batch-size", type=int, default=128)
-    attn.add_argument("--tokens", type=int, default=17)
-    attn.add_argument("--heads", type=int, default=4)
-    attn.add_argument("--head-dim", type=int, default=16)
+    attn.add_argument("--batch-size", type=count, default=128)
+    attn.add_argument("--tokens", type=count, default=17)
+    attn.add_argument("--heads", type=count, default=4)
+    attn.add_argument("--head-dim", type=count, default=16)
     _common(attn)
     teacher = ops.add_parser("teacher", help="make_teacher_batch")
-    teacher.add_argument("--batch-size", type=int, default=64)
-    teacher.add_argument("--image-size", type=int, default=224)
+    teacher.add_argument("--batch-size", type=count, default=64)
+    teacher.add_argument("--image-size", type=count, default=224)
     _common(teacher)
 
     sweep_ops = ops.add_parser("ops", help="every op over MAE/MAGE shapes and providers, against the roofline")
     sweep_ops.add_argument("--size", default=None, choices=["small", "large"],
                            help="shape set (default: large on CUDA, small on the CPU)")
     sweep_ops.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
-    sweep_ops.add_argument("--reps", type=int, default=10, help="timed repetitions at least")
+    sweep_ops.add_argument("--reps", type=count, default=10, help="timed repetitions at least")
     sweep_ops.add_argument("--csv", default=None, help="append one row per provider (and draw a PNG beside it)")
     step = ops.add_parser("step", help="one whole unlearning step: reference loop, plain PyTorch, fastforget")
     step.add_argument("--model", default="mae_vit_tiny", help="a config name of fastforget.models")
-    step.add_argument("--batch-size", type=int, default=128)
-    step.add_argument("--mask-ratio", type=float, default=0.75)
+    step.add_argument("--batch-size", type=count, default=128)
+    step.add_argument("--mask-ratio", type=ratio, default=0.75)
     step.add_argument("--providers", default="reference,pytorch,fastforget")
     step.add_argument("--compile", action="store_true", help="also time each provider under torch.compile")
     step.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
-    step.add_argument("--reps", type=int, default=10, help="timed steps at least")
+    step.add_argument("--reps", type=count, default=10, help="timed steps at least")
     step.add_argument("--min-time", type=float, default=3.0, help="seconds of timed steps per provider at least")
     step.add_argument("--csv", default=None, help="append one row per provider to this CSV (and draw a PNG beside it)")
     step.add_argument("--profile", default=None, metavar="DIR",
@@ -130,8 +154,24 @@ def main(argv=None) -> int:
     demo.add_argument("--out", default="demo-out")
     demo.add_argument("--baselines", action="store_true",
                       help="also train the four baselines and evaluate all seven models with the paper's metrics")
-    args = parser.parse_args(argv)
+    return parser
 
+
+@record  # under torchrun, a failing rank's traceback reaches the run's error summary
+def main(argv=None) -> int:
+    """Runs a command. What the user gave it being wrong (a UserError) is one line on stderr and
+    exit code 2, as argparse's own errors are; anything else is a bug and keeps its traceback."""
+    args = build_parser().parse_args(argv)
+    try:
+        return run(args)
+    except UserError as err:
+        get_error_handler().record_exception(err)  # torchrun's error file (a no-op without torchrun)
+        if os.environ.get("RANK", "0") == "0":  # every rank meets the same error: say it once
+            sys.stderr.write(f"fastforget {args.command}: error: {one_line(err)}\n")
+        raise SystemExit(2) from None
+
+
+def run(args: argparse.Namespace) -> int:
     if args.command in ("unlearn", "pretrain"):
         from .train import LoopConfig, PretrainConfig, UnlearnConfig, pretrain as run_pretrain, unlearn as run_unlearn
 
@@ -159,7 +199,7 @@ def main(argv=None) -> int:
         split = lambda text: tuple(c for c in text.split(",") if c)  # noqa: E731
         pairs = [pair.split("=", 1) for pair in split(args.models)]
         if not pairs or any(len(p) != 2 or not all(p) for p in pairs):
-            parser.error(f"--models must be NAME=CHECKPOINT,... (the first the original model), got {args.models!r}")
+            raise InvalidValue(f"--models must be NAME=CHECKPOINT,... (the first the original model), got {args.models!r}")
         evaluate_checkpoints(dict(pairs), args.data,
                              split(args.forget_classes), split(args.retain_classes),
                              ("inpaint", "outpaint") if args.task == "both" else (args.task,), args.ratio,
@@ -173,7 +213,7 @@ def main(argv=None) -> int:
         except ValueError:
             weights = []
         if not weights or not all(0 <= w < float("inf") for w in weights):
-            parser.error(f"--forget-weights must be comma-separated numbers >= 0, got {args.forget_weights!r}")
+            raise InvalidValue(f"--forget-weights must be comma-separated numbers >= 0, got {args.forget_weights!r}")
         run_sweep(args.out, weights, task=args.task)
         return 0
     if args.command == "demo":

@@ -10,6 +10,7 @@ from .ops import attention, backends
 
 
 def report() -> str:
+    forced = backends.requested_backend(None)  # an unknown FASTFORGET_BACKEND is an error that names it
     lines = [f"fastforget {__version__}", f"python {platform.python_version()}, torch {torch.__version__}"]
     try:
         import triton
@@ -25,7 +26,7 @@ def report() -> str:
         lines.append(f"device: CPU ({platform.processor() or platform.machine()}), {torch.get_num_threads()} threads; "
                      "no CUDA device")
     lines.append(f"CUDA toolkit: {native.cuda_home() or 'not found'}")
-    lines.append("backends:")
+    lines.append("backends:" + (f" (FASTFORGET_BACKEND={forced} forces it on every op that has it)" if forced else ""))
     for name in backends.BACKENDS:
         why = backends.unavailable_reason(name)
         lines.append(f"  {name:<7} {'available' if why is None else 'unavailable: ' + why}")

@@ -14,8 +14,10 @@ import functools
 import glob
 import hashlib
 import importlib
+import logging
 import os
 import shutil
+import sys
 import threading
 import warnings
 
@@ -122,6 +124,22 @@ def _flags(name: str) -> dict:
     }
 
 
+def _cpp_extension():
+    """torch.utils.cpp_extension, with CUDA_HOME set from cuda_home() before it guesses, and without
+    its import-time "No CUDA runtime is found" warning: on a CPU machine that is how things are."""
+    home = cuda_home()
+    if home is not None:
+        os.environ.setdefault("CUDA_HOME", home)
+    logger = logging.getLogger("torch.utils.cpp_extension")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        import torch.utils.cpp_extension as cpp_extension
+    finally:
+        logger.setLevel(level)
+    return cpp_extension
+
+
 def _check_toolchain(name: str) -> None:
     if shutil.which(os.environ.get("CXX", "c++")) is None:
         raise NativeUnavailable(f"no C++ compiler ({os.environ.get('CXX', 'c++')}) on the PATH")
@@ -132,9 +150,7 @@ def _check_toolchain(name: str) -> None:
         if home is None:
             raise NativeUnavailable("no CUDA toolkit: nvcc not on the PATH and CUDA_HOME not set")
         os.environ.setdefault("CUDA_HOME", home)
-        import torch.utils.cpp_extension as cpp_extension
-
-        cpp_extension.CUDA_HOME = os.environ["CUDA_HOME"]  # torch guessed it at import time
+        _cpp_extension().CUDA_HOME = os.environ["CUDA_HOME"]  # in case torch guessed otherwise at import
         os.environ["TORCH_CUDA_ARCH_LIST"] = cuda_arch_list()
 
 
@@ -158,14 +174,19 @@ def load(name: str) -> str:
         raise
 
 
+def _native_files(name: str) -> list[str]:
+    """Every source and header extension `name` is built from (its folder and common/)."""
+    return sorted(path for folder in ("common", name) for ext in NATIVE_SUFFIXES
+                  for path in glob.glob(os.path.join(csrc_dir(), folder, f"*{ext}")))
+
+
 @functools.lru_cache(maxsize=None)
 def build_key(name: str) -> str:
     """What an extension's binary depends on: its sources and headers, torch's version, the compile
     flags (not the machine's include paths) and, for the CPU, the vector ISA, for CUDA the
     architectures. A prebuilt file carries it in its name."""
     root = csrc_dir()
-    files = sorted(path for folder in ("common", name) for ext in NATIVE_SUFFIXES
-                   for path in glob.glob(os.path.join(root, folder, f"*{ext}")))
+    files = _native_files(name)
     flags = [f for values in _flags(name).values() for f in values
              if not os.path.isabs(f) and not f.startswith(("-idirafter", "-isystem"))]
     target = cpu_capability() if name == "cpu" else cuda_arch_list()
@@ -200,17 +221,17 @@ def _build_and_load(name: str) -> str:
         torch.ops.load_library(binary)
         return namespace
     with _lock:
-        home = cuda_home()
-        if home is not None:  # before torch.utils.cpp_extension guesses (and warns) at import
-            os.environ.setdefault("CUDA_HOME", home)
+        cpp_extension = _cpp_extension()
         _check_toolchain(name)
-        import torch.utils.cpp_extension as cpp_extension
 
         build_dir = os.path.join(
             os.environ.get("FASTFORGET_CACHE", os.path.expanduser("~/.cache/fastforget")),
             f"torch{torch.__version__}-{name}" + (f"-{cpu_capability().lower()}" if name == "cpu" else ""),
         )
         os.makedirs(build_dir, exist_ok=True)
+        if _stale(name, os.path.join(build_dir, f"{namespace}.so")):  # said before the wait, not inside a step
+            print(f"fastforget: building the {name} extension (first use only, about 30 s on 2 cores); "
+                  f"cached in {build_dir}", file=sys.stderr, flush=True)
         try:
             cpp_extension.load(
                 name=namespace,
@@ -223,6 +244,14 @@ def _build_and_load(name: str) -> str:
         except Exception as err:  # compiler errors arrive as RuntimeError or subprocess errors
             raise NativeUnavailable(f"building the {name} extension failed: {_last_lines(err)}") from err
     return namespace
+
+
+def _stale(name: str, binary: str) -> bool:
+    """Whether ninja will compile: no binary yet, or a source or header newer than it."""
+    if not os.path.exists(binary):
+        return True
+    built = os.path.getmtime(binary)
+    return any(os.path.getmtime(path) > built for path in _native_files(name))
 
 
 def unavailable_reason(name: str) -> str | None:
@@ -248,19 +277,20 @@ def _last_lines(err: Exception, n: int = 12) -> str:
 
 def setup_extensions():
     """ext_modules and cmdclass for setup.py when FASTFORGET_BUILD_EXT=1."""
-    from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
+    cpp_extension = _cpp_extension()
 
     def rel(paths):  # setuptools wants sources relative to setup.py
         return [os.path.relpath(p) for p in paths]
 
     cpu = _flags("cpu")
-    exts = [CppExtension(f"fastforget._cpu_{build_key('cpu')}", rel(sources("cpu")),
-                         extra_compile_args={"cxx": cpu["extra_cflags"]}, extra_link_args=cpu["extra_ldflags"])]
+    exts = [cpp_extension.CppExtension(f"fastforget._cpu_{build_key('cpu')}", rel(sources("cpu")),
+                                       extra_compile_args={"cxx": cpu["extra_cflags"]},
+                                       extra_link_args=cpu["extra_ldflags"])]
     try:
         _check_toolchain("cuda")
         flags = _flags("cuda")
         exts.append(
-            CUDAExtension(
+            cpp_extension.CUDAExtension(
                 f"fastforget._cuda_{build_key('cuda')}",
                 rel(sources("cuda")),
                 extra_compile_args={"cxx": flags["extra_cflags"], "nvcc": flags["extra_cuda_cflags"]},
@@ -268,4 +298,4 @@ def setup_extensions():
         )
     except NativeUnavailable as err:
         print(f"fastforget: skipping the CUDA extension: {err}")
-    return exts, {"build_ext": BuildExtension.with_options(use_ninja=True)}
+    return exts, {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)}

@@ -14,6 +14,8 @@ import pickle
 
 import torch
 
+from .errors import InvalidValue, MissingPath
+
 DIGEST_KEY = "integrity"
 
 
@@ -53,23 +55,23 @@ def load_weights(path: str, what: str = "weights file") -> object:
     FileNotFoundError when it is missing; ValueError when it carries pickled code (refused), is
     truncated or corrupted, or its content no longer matches the digest written with it."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{what} {path} does not exist")
+        raise MissingPath(f"{what} {path} does not exist")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         if "GLOBAL" not in str(err):  # not a refused global: the bytes are not a pickle at all
-            raise ValueError(f"{what} {path} cannot be read (truncated or corrupted): "
+            raise InvalidValue(f"{what} {path} cannot be read (truncated or corrupted): "
                              f"{_reason(err)}") from err
-        raise ValueError(
+        raise InvalidValue(
             f"{what} {path} was refused: it carries pickled objects other than tensors and plain containers "
             f"(code would run on loading, so fastforget never loads such files). If you trust its source, "
             f"re-save just its tensors (torch.save(obj['model'] ...)). Detail: {_reason(err)}") from err
     except Exception as err:  # zip/pickle damage surfaces as RuntimeError, EOFError, ...
-        raise ValueError(f"{what} {path} cannot be read (truncated or corrupted): {err}") from err
+        raise InvalidValue(f"{what} {path} cannot be read (truncated or corrupted): {err}") from err
     if isinstance(obj, dict) and DIGEST_KEY in obj:
         body = {k: v for k, v in obj.items() if k != DIGEST_KEY}
         if digest(body) != obj[DIGEST_KEY]:
-            raise ValueError(f"{what} {path} is corrupted: its content does not match the SHA-256 written with it")
+            raise InvalidValue(f"{what} {path} is corrupted: its content does not match the SHA-256 written with it")
         return body
     return obj
 

@@ -95,7 +95,9 @@ def measured(op: str, what: str, shape: str, dtype: torch.dtype, device: torch.d
 
 def device_of(args) -> torch.device:
     """--device, or CUDA when present."""
-    return torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    from ..train.loop import resolve_device
+
+    return resolve_device(args.device)
 
 
 def report(measured: Measured, csv: Optional[str]) -> int:

@@ -42,7 +42,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from ..models import create_mae
+from ..errors import InvalidValue
+from ..models import CONFIGS, create_mae
 from ..ops import reference
 from ..ops.attention import sdpa_attention
 from ..train.loop import Dist, make_optimizer, optimizer_step, param_groups, step_generator
@@ -412,7 +413,9 @@ def main(args) -> int:
     providers = [p for p in args.providers.split(",") if p]
     unknown = sorted(set(providers) - set(PROVIDERS))
     if unknown:
-        raise ValueError(f"--providers: unknown {unknown}; expected a comma-separated subset of {PROVIDERS}")
+        raise InvalidValue(f"--providers: unknown {unknown}; expected a comma-separated subset of {PROVIDERS}")
+    if args.model not in CONFIGS:
+        raise InvalidValue(f"--model: unknown model {args.model!r}; expected one of {sorted(CONFIGS)}")
     specs = [Spec(p, args.model, args.batch_size, args.mask_ratio, device, c, args.reps, args.min_time)
              for c in ([False, True] if args.compile else [False]) for p in providers]
     def report(results: list[dict]) -> None:

@@ -15,6 +15,7 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor, nn
 
+from ..errors import InvalidValue, MissingPath
 from ..weights import load_weights
 
 
@@ -79,7 +80,7 @@ def extractor(spec: str, original=None, device="cpu") -> Extractor:
         return Extractor("digits", lambda x: clf(x), labels=True, device=device)
     if spec == "encoder":
         if original is None:
-            raise ValueError("--features encoder needs the original model")
+            raise InvalidValue("--features encoder needs the original model")
 
         def embed(x: Tensor):
             ids = torch.arange(original.num_patches, device=x.device).expand(x.shape[0], -1)
@@ -88,7 +89,7 @@ def extractor(spec: str, original=None, device="cpu") -> Extractor:
     if spec.startswith("inception:"):
         path = spec.split(":", 1)[1]
         if not os.path.exists(path):
-            raise FileNotFoundError(f"--features {spec}: no TorchScript file at {path!r}")
+            raise MissingPath(f"--features {spec}: no TorchScript file at {path!r}")
         net = torch.jit.load(path, map_location=device).eval()
 
         def embed(x: Tensor):
@@ -96,7 +97,7 @@ def extractor(spec: str, original=None, device="cpu") -> Extractor:
             out = net(x)
             return (out[0], out[1]) if isinstance(out, (tuple, list)) else (out, None)
         return Extractor("inception", embed, labels=False, device=device)
-    raise ValueError(f"--features must be 'digits', 'encoder' or 'inception:PATH', got {spec!r}")
+    raise InvalidValue(f"--features must be 'digits', 'encoder' or 'inception:PATH', got {spec!r}")
 
 
 @torch.no_grad()

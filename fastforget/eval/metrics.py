@@ -9,6 +9,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..errors import InvalidValue
+
 
 def _sqrt_psd(m: np.ndarray) -> np.ndarray:
     """The symmetric square root of a symmetric positive semi-definite matrix."""
@@ -24,7 +26,7 @@ def frechet_distance(a, b) -> float:
     a = np.asarray(a, dtype=np.float64)
     b = np.asarray(b, dtype=np.float64)
     if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1] or len(a) < 2 or len(b) < 2:
-        raise ValueError(f"features must be (N, F) arrays with N >= 2 and one F, got {a.shape} and {b.shape}")
+        raise InvalidValue(f"features must be (N, F) arrays with N >= 2 and one F, got {a.shape} and {b.shape}")
     mu_a, mu_b = a.mean(0), b.mean(0)
     cov_a, cov_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
     root_a = _sqrt_psd(cov_a)
@@ -36,7 +38,7 @@ def inception_score(logits, splits: int = 10) -> tuple[float, float]:
     """IS = exp(E_x KL(p(y|x) || p(y))), mean and std over `splits` equal parts."""
     p = torch.softmax(torch.as_tensor(logits, dtype=torch.float64), dim=1)
     if p.shape[0] < splits:
-        raise ValueError(f"inception_score needs at least {splits} samples, got {p.shape[0]}")
+        raise InvalidValue(f"inception_score needs at least {splits} samples, got {p.shape[0]}")
     scores = []
     for part in torch.tensor_split(p, splits):
         marginal = part.mean(0, keepdim=True)

@@ -12,6 +12,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from ..errors import InvalidValue
 from . import metrics
 from .features import Extractor, embed_all
 from .tasks import complete, removed_patches
@@ -26,7 +27,7 @@ def evaluate(models: dict, sets: dict, extractor: Extractor, tasks=("inpaint", "
     Each model completes its images batch_size at a time on its own device; the metrics are
     computed on the CPU."""
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size (--batch-size) must be an int >= 1, got {batch_size!r}")
+        raise InvalidValue(f"batch_size (--batch-size) must be an int >= 1, got {batch_size!r}")
     report: dict = {}
     truth = {s: embed_all(extractor, sets[s].images) for s in SETS}
     generated: dict = {}
@@ -50,7 +51,9 @@ def evaluate(models: dict, sets: dict, extractor: Extractor, tasks=("inpaint", "
                         row["accuracy"] = float((logits.argmax(1) == labels).float().mean())
                 report[task][name][s] = row
     if out:
-        os.makedirs(out, exist_ok=True)
+        from ..train.loop import output_dir
+
+        output_dir(out)
         write_outputs(report, out)
         for task in tasks:
             _grid(models, sets, task, ratio, generated, os.path.join(out, f"grid_{task}.png"))
@@ -74,21 +77,23 @@ def evaluate_checkpoints(checkpoints: dict, data: str, forget, retain, tasks, ra
     device (default: CUDA when present)."""
     from ..models import load_mae
     from ..train import data as data_lib
+    from ..train.loop import resolve_device
     from .features import extractor
 
     if not checkpoints:
-        raise ValueError("--models must name at least one NAME=CHECKPOINT")
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        raise InvalidValue("--models must name at least one NAME=CHECKPOINT")
+    device = resolve_device(device)
     models = {name: load_mae(path).to(device) for name, path in checkpoints.items()}
     original = next(iter(models.values()))
     dataset = data_lib.load(data, original.patch_embed.img_size[0], split="test", what="--data directory")
+    data_lib.check_channels(dataset, original.patch_embed.proj.in_channels, original.config_name)
     sets = {}
     for s, names in (("forget", forget), ("retain", retain)):
         ids = torch.tensor(data_lib.class_indices(dataset, names, s))
         decoded = data_lib.decode(dataset.subset(torch.isin(dataset.labels, ids).nonzero()[:, 0]))
         sets[s] = dataclasses.replace(decoded, images=data_lib.unit_float(decoded.images))
         if len(sets[s]) < 10:
-            raise ValueError(f"the {s} classes {list(names)} have {len(sets[s])} test images; 10 at least")
+            raise InvalidValue(f"the {s} classes {list(names)} have {len(sets[s])} test images; 10 at least")
     report = evaluate(models, sets, extractor(features, original, device), tasks, ratio, out, batch_size)
     print(markdown(report))
     return report

@@ -9,15 +9,17 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..errors import InvalidValue
+
 TASKS = ("inpaint", "outpaint")
 
 
 def removed_patches(model, task: str, ratio: float = 0.5) -> Tensor:
     """(L,) bool, True for the patches the task removes, in the model's patch order."""
     if task not in TASKS:
-        raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+        raise InvalidValue(f"task must be one of {TASKS}, got {task!r}")
     if not 0 < ratio < 1:
-        raise ValueError(f"ratio must be in (0, 1), got {ratio!r}")
+        raise InvalidValue(f"ratio must be in (0, 1), got {ratio!r}")
     grid_h, grid_w = model.patch_embed.grid_size
     side_h, side_w = max(1, round(grid_h * ratio)), max(1, round(grid_w * ratio))
     centre = torch.zeros(grid_h, grid_w, dtype=torch.bool)

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from ..errors import InvalidValue
 from ..nn import MaskedPatchEmbed
 from ..weights import load_weights
 from ..ops import masked_patch_embed, qkv_attention, random_masking
@@ -104,7 +105,7 @@ class MaskedAutoencoderViT(nn.Module):
         mean = torch.tensor(pixel_mean if pixel_mean is not None else [0.0] * in_chans, dtype=torch.float32)
         std = torch.tensor(pixel_std if pixel_std is not None else [1.0] * in_chans, dtype=torch.float32)
         if mean.shape != (in_chans,) or std.shape != (in_chans,) or bool((std <= 0).any()):
-            raise ValueError(f"pixel_mean and pixel_std must have {in_chans} values, std > 0")
+            raise InvalidValue(f"pixel_mean and pixel_std must have {in_chans} values, std > 0")
         self.register_buffer("pixel_mean", mean, persistent=False)
         self.register_buffer("pixel_std", std, persistent=False)
         self.initialize_weights()
@@ -240,7 +241,7 @@ CONFIGS = {
 def create_mae(name: str, **overrides) -> MaskedAutoencoderViT:
     """A model of a named config (CONFIGS), with any constructor argument overridden."""
     if name not in CONFIGS:
-        raise ValueError(f"unknown model {name!r}; expected one of {sorted(CONFIGS)}")
+        raise InvalidValue(f"unknown model {name!r}; expected one of {sorted(CONFIGS)}")
     model = MaskedAutoencoderViT(**{**CONFIGS[name], **overrides})
     model.config_name = name  # what checkpoints record, so load_mae can rebuild the model
     return model
@@ -252,17 +253,17 @@ def load_mae(path: str, name: Optional[str] = None, **overrides) -> MaskedAutoen
     keys must match exactly, and a missing or unexpected one is reported by name."""
     checkpoint = load_weights(path, "model file")
     if not isinstance(checkpoint, dict) or "model" not in checkpoint:
-        raise ValueError(f"{path}: expected a dict with a 'model' entry (an MAE checkpoint)")
+        raise InvalidValue(f"{path}: expected a dict with a 'model' entry (an MAE checkpoint)")
     config = checkpoint.get("config") or {}
     name = name or config.get("model")
     if name is None:
-        raise ValueError(f"{path} does not record its model config; pass name= (one of {sorted(CONFIGS)})")
+        raise InvalidValue(f"{path} does not record its model config; pass name= (one of {sorted(CONFIGS)})")
     model = create_mae(name, **{**config.get("overrides", {}), **overrides})
     missing, unexpected = model.load_state_dict(checkpoint["model"], strict=False)
     if missing and not unexpected and all(k.startswith(("decoder", "mask_token")) for k in missing):
-        raise ValueError(f"{path} holds {name}'s encoder alone (as MAE's mae_pretrain_vit_*.pth files do): "
+        raise InvalidValue(f"{path} holds {name}'s encoder alone (as MAE's mae_pretrain_vit_*.pth files do): "
                          f"image-to-image unlearning needs the decoder too, e.g. MAE's mae_visualize_vit_*.pth; "
                          f"missing keys {missing}")
     if missing or unexpected:
-        raise ValueError(f"{path} does not match {name}: missing keys {missing}, unexpected keys {unexpected}")
+        raise InvalidValue(f"{path} does not match {name}: missing keys {missing}, unexpected keys {unexpected}")
     return model

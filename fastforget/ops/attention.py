@@ -18,6 +18,7 @@ from torch import Tensor
 from torch.nn import functional as F
 from torch.utils.flop_counter import register_flop_formula
 
+from ..errors import InvalidType, InvalidValue
 from . import backends
 from .unlearn_loss import FLOAT_DTYPES
 
@@ -42,13 +43,13 @@ def qkv_attention(qkv: Tensor, num_heads: int, *, backend: Optional[str] = None)
 
 def _check(qkv, num_heads) -> None:
     if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads < 1:
-        raise ValueError(f"num_heads must be a positive int, got {num_heads!r}")
+        raise InvalidValue(f"num_heads must be a positive int, got {num_heads!r}")
     if not isinstance(qkv, Tensor):
-        raise TypeError(f"qkv must be a torch.Tensor, got {type(qkv).__name__}")
+        raise InvalidType(f"qkv must be a torch.Tensor, got {type(qkv).__name__}")
     if qkv.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"qkv must be float32, bfloat16 or float16, got {qkv.dtype}")
+        raise InvalidType(f"qkv must be float32, bfloat16 or float16, got {qkv.dtype}")
     if qkv.dim() != 3 or qkv.shape[0] == 0 or qkv.shape[1] == 0 or qkv.shape[2] == 0 or qkv.shape[2] % (3 * num_heads):
-        raise ValueError(f"qkv must be (B, T, 3 * num_heads * head_dim) with B, T, head_dim >= 1 and "
+        raise InvalidValue(f"qkv must be (B, T, 3 * num_heads * head_dim) with B, T, head_dim >= 1 and "
                          f"num_heads = {num_heads}, got {tuple(qkv.shape)}")
 
 

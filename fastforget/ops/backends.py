@@ -15,6 +15,7 @@ from typing import Callable
 import torch
 
 from .. import native
+from ..errors import InvalidValue, UserError
 
 BACKENDS = ("torch", "triton", "cuda", "cpu")
 
@@ -24,8 +25,8 @@ BACKENDS = ("torch", "triton", "cuda", "cpu")
 AUTO_ORDER = {"cuda": ("cuda", "triton", "torch"), "cpu": ("cpu", "torch")}
 
 
-class BackendUnavailable(RuntimeError):
-    """No backend can run the op on these inputs."""
+class BackendUnavailable(UserError, RuntimeError):
+    """No backend can run the op on these inputs (or on the one forced)."""
 
 
 def triton_interpret() -> bool:
@@ -57,7 +58,16 @@ def unavailable_reason(name: str) -> str | None:
         return native.unavailable_reason("cuda")
     if name == "cpu":
         return native.unavailable_reason("cpu")
-    raise ValueError(f"unknown backend {name!r}; expected one of {BACKENDS}")
+    raise InvalidValue(f"unknown backend {name!r}; expected one of {BACKENDS}")
+
+
+def prepare(device: torch.device) -> None:
+    """Builds (on first use) and loads the native extension that ops on `device` pick, so that a
+    run does it before its first step rather than inside it; one that cannot build is left to
+    the dispatcher, which reports why."""
+    for name in AUTO_ORDER.get(device.type, ()):
+        if name in native.EXTENSIONS:
+            native.unavailable_reason(name)
 
 
 def device_reasons(name: str, device: torch.device) -> list[str]:
@@ -85,7 +95,7 @@ def requested_backend(backend: str | None, implemented: tuple[str, ...] = BACKEN
     name = backend if backend is not None else os.environ.get("FASTFORGET_BACKEND", "")
     if name not in ("",) + BACKENDS:
         source = "backend" if backend is not None else "FASTFORGET_BACKEND"
-        raise ValueError(f"{source} must be one of {BACKENDS} or None, got {name!r}")
+        raise InvalidValue(f"{source} must be one of {BACKENDS} or None, got {name!r}")
     return name if backend is not None or name in implemented else ""
 
 

@@ -13,6 +13,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from ..errors import InvalidType, InvalidValue
 from . import backends, reference
 from .unlearn_loss import FLOAT_DTYPES
 
@@ -30,16 +31,16 @@ def random_masking(
     """
     for name, v in (("batch_size", batch_size), ("num_patches", num_patches)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise ValueError(f"{name} must be a positive int, got {v!r}")
+            raise InvalidValue(f"{name} must be a positive int, got {v!r}")
     if not isinstance(mask_ratio, (int, float)) or not 0 <= mask_ratio < 1:
-        raise ValueError(f"mask_ratio must be in [0, 1), got {mask_ratio!r}")
+        raise InvalidValue(f"mask_ratio must be in [0, 1), got {mask_ratio!r}")
     if int(num_patches * (1 - mask_ratio)) < 1:
-        raise ValueError(f"mask_ratio {mask_ratio} keeps no patch of {num_patches}; lower it")
+        raise InvalidValue(f"mask_ratio {mask_ratio} keeps no patch of {num_patches}; lower it")
     if noise is None:
         noise = torch.rand(batch_size, num_patches, generator=generator, device=device)
     elif not isinstance(noise, Tensor) or noise.shape != (batch_size, num_patches) or not noise.dtype.is_floating_point:
         got = tuple(noise.shape) if isinstance(noise, Tensor) else type(noise).__name__
-        raise ValueError(f"noise must be a float tensor of shape ({batch_size}, {num_patches}), got {got}")
+        raise InvalidValue(f"noise must be a float tensor of shape ({batch_size}, {num_patches}), got {got}")
     keep = int(num_patches * (1 - mask_ratio))
     ids_shuffle = torch.argsort(noise, dim=1)
     # The inverse permutation by a scatter, where MAE sorts a second time: the same ids, O(L).
@@ -75,37 +76,37 @@ def _check(images, weight, bias, pos_embed, ids_keep, cls_token) -> None:
     optional = dict(bias=bias, cls_token=cls_token)
     for name, t in {**tensors, **{k: v for k, v in optional.items() if v is not None}}.items():
         if not isinstance(t, Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor{' or None' if name in optional else ''}, got {type(t).__name__}")
+            raise InvalidType(f"{name} must be a torch.Tensor{' or None' if name in optional else ''}, got {type(t).__name__}")
         if t.device != images.device:
-            raise ValueError(f"{name} must be on images' device {images.device}, got {t.device}")
+            raise InvalidValue(f"{name} must be on images' device {images.device}, got {t.device}")
     if images.dim() != 4 or images.dtype not in FLOAT_DTYPES or images.shape[0] == 0:
-        raise ValueError(f"images must be (B, C, H, W) float32, bfloat16 or float16 with B >= 1, "
+        raise InvalidValue(f"images must be (B, C, H, W) float32, bfloat16 or float16 with B >= 1, "
                          f"got {tuple(images.shape)} {images.dtype}")
     if (weight.dim() != 4 or weight.shape[1] != images.shape[1] or weight.shape[2] != weight.shape[3]
             or weight.shape[0] == 0 or weight.shape[2] == 0):
-        raise ValueError(f"weight must be (D, C, p, p) with D, p >= 1 and C = {images.shape[1]} (images' channels), "
+        raise InvalidValue(f"weight must be (D, C, p, p) with D, p >= 1 and C = {images.shape[1]} (images' channels), "
                          f"got {tuple(weight.shape)}")
     if weight.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"weight must be float32, bfloat16 or float16, got {weight.dtype}")
+        raise InvalidType(f"weight must be float32, bfloat16 or float16, got {weight.dtype}")
     dim, patch = weight.shape[0], weight.shape[-1]
     height, width = images.shape[-2:]
     if height % patch or width % patch:
-        raise ValueError(f"images' height and width must be multiples of the patch size {patch}, got {height}x{width}")
+        raise InvalidValue(f"images' height and width must be multiples of the patch size {patch}, got {height}x{width}")
     length = (height // patch) * (width // patch)
     for name, t, shape in (("bias", bias, (dim,)), ("pos_embed", pos_embed, (1, 1 + length, dim)),
                            ("cls_token", cls_token, (1, 1, dim))):
         if t is None:
             continue
         if tuple(t.shape) != shape:
-            raise ValueError(f"{name} must have shape {shape}, got {tuple(t.shape)}")
+            raise InvalidValue(f"{name} must have shape {shape}, got {tuple(t.shape)}")
         if t.dtype != weight.dtype:
-            raise TypeError(f"{name} must have weight's dtype {weight.dtype}, got {t.dtype}")
+            raise InvalidType(f"{name} must have weight's dtype {weight.dtype}, got {t.dtype}")
     if ids_keep.dtype != torch.int64 or ids_keep.dim() != 2 or ids_keep.shape[0] != images.shape[0] or ids_keep.shape[1] < 1:
-        raise ValueError(f"ids_keep must be int64 (B={images.shape[0]}, K >= 1), got {tuple(ids_keep.shape)} {ids_keep.dtype}")
+        raise InvalidValue(f"ids_keep must be int64 (B={images.shape[0]}, K >= 1), got {tuple(ids_keep.shape)} {ids_keep.dtype}")
     in_range = (ids_keep >= 0) & (ids_keep < length)
     if ids_keep.device.type == "cpu" and not torch.compiler.is_compiling():
         if not bool(in_range.all()):
-            raise ValueError(f"ids_keep must lie in [0, {length}) (patches per image), got values "
+            raise InvalidValue(f"ids_keep must lie in [0, {length}) (patches per image), got values "
                              f"from {int(ids_keep.min())} to {int(ids_keep.max())}")
     else:  # checked where the data lives, without a host synchronisation (and traceable); on CUDA a
         # failure is a device-side assert, which leaves the CUDA context unusable, as indexing errors do

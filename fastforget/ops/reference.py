@@ -10,6 +10,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from ..errors import InvalidValue
+
 
 def unlearn_loss(
     student: Tensor,
@@ -46,7 +48,7 @@ def unlearn_loss(
         retain_loss = torch.where(forget, 0.0, d).sum() * (2.0 / batch)
         forget_loss = torch.where(forget, d, 0.0).sum() * (2.0 / batch)
     else:
-        raise ValueError(f"normalize must be 'set' or 'reference', got {normalize!r}")
+        raise InvalidValue(f"normalize must be 'set' or 'reference', got {normalize!r}")
     loss = retain_weight * retain_loss + forget_weight * forget_loss
     return loss, retain_loss, forget_loss
 
@@ -132,7 +134,7 @@ def make_teacher_batch(
     elif noise == "constant":
         values = mean.expand(images.numel())
     else:
-        raise ValueError(f"noise must be 'normal', 'uniform' or 'constant', got {noise!r}")
+        raise InvalidValue(f"noise must be 'normal', 'uniform' or 'constant', got {noise!r}")
     if clamp is not None:
         values = values.clamp(lo, hi)
     forget = is_forget.bool().view(-1, *([1] * (images.dim() - 1)))

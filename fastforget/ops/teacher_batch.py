@@ -14,6 +14,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from ..errors import InvalidType, InvalidValue
 from . import backends, reference
 from .unlearn_loss import FLOAT_DTYPES
 
@@ -43,7 +44,7 @@ def make_teacher_batch(
     """
     _check(images, is_forget, noise, clamp, generator)
     if isinstance(first_row, bool) or not isinstance(first_row, int) or first_row < 0:
-        raise ValueError(f"first_row must be a non-negative int, got {first_row!r}")
+        raise InvalidValue(f"first_row must be a non-negative int, got {first_row!r}")
     stream = noise_stream(images.device, generator, first_row * (images.numel() // images.shape[0]))
     flags = is_forget if is_forget.dtype == torch.bool else is_forget != 0
     lo, hi = (float(clamp[0]), float(clamp[1])) if clamp is not None else (None, None)
@@ -63,28 +64,28 @@ def noise_stream(device, generator: Optional[torch.Generator], first_element: in
 def _check(images, is_forget, noise, clamp, generator) -> None:
     for name, t in (("images", images), ("is_forget", is_forget)):
         if not isinstance(t, Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+            raise InvalidType(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if images.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"images must be float32, bfloat16 or float16, got {images.dtype}")
+        raise InvalidType(f"images must be float32, bfloat16 or float16, got {images.dtype}")
     if images.dim() < 2 or images.shape[0] == 0 or images[0].numel() == 0:
-        raise ValueError(f"images must be (B, ...) with B >= 1 and elements in each row, got shape {tuple(images.shape)}")
+        raise InvalidValue(f"images must be (B, ...) with B >= 1 and elements in each row, got shape {tuple(images.shape)}")
     if is_forget.dtype.is_floating_point or is_forget.dtype.is_complex:
-        raise TypeError(f"is_forget must be bool or 0/1 integers, got {is_forget.dtype}")
+        raise InvalidType(f"is_forget must be bool or 0/1 integers, got {is_forget.dtype}")
     if is_forget.shape != images.shape[:1]:
-        raise ValueError(f"is_forget must have shape ({images.shape[0]},) (one flag per image), got {tuple(is_forget.shape)}")
+        raise InvalidValue(f"is_forget must have shape ({images.shape[0]},) (one flag per image), got {tuple(is_forget.shape)}")
     if is_forget.device != images.device:
-        raise ValueError(f"is_forget must be on images' device {images.device}, got {is_forget.device}")
+        raise InvalidValue(f"is_forget must be on images' device {images.device}, got {is_forget.device}")
     if noise not in NOISES:
-        raise ValueError(f"noise must be one of {NOISES}, got {noise!r}")
+        raise InvalidValue(f"noise must be one of {NOISES}, got {noise!r}")
     if clamp is not None:
         if (not isinstance(clamp, (tuple, list)) or len(clamp) != 2
                 or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in clamp) or not clamp[0] < clamp[1]):
-            raise ValueError(f"clamp must be None or (low, high) with finite low < high, got {clamp!r}")
+            raise InvalidValue(f"clamp must be None or (low, high) with finite low < high, got {clamp!r}")
     if generator is not None:
         if not isinstance(generator, torch.Generator):
-            raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+            raise InvalidType(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
         if generator.device.type != images.device.type:
-            raise ValueError(f"generator must be on images' device type {images.device.type}, got {generator.device}")
+            raise InvalidValue(f"generator must be on images' device type {images.device.type}, got {generator.device}")
 
 
 def _torch_impl(images, is_forget, stream, noise, clamp_lo, clamp_hi):

@@ -16,6 +16,7 @@ from typing import NamedTuple, Optional
 import torch
 from torch import Tensor
 
+from ..errors import InvalidType, InvalidValue
 from . import backends
 
 NORMALIZE = ("set", "reference")
@@ -83,29 +84,29 @@ def _check(student, retain_target, forget_target, is_forget, retain_weight, forg
     for name, t in (("student", student), ("retain_target", retain_target), ("forget_target", forget_target),
                     ("is_forget", is_forget)):
         if not isinstance(t, Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+            raise InvalidType(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     for name, t in (("student", student), ("retain_target", retain_target), ("forget_target", forget_target)):
         if t.dtype not in FLOAT_DTYPES:
-            raise TypeError(f"{name} must be float32, bfloat16 or float16, got {t.dtype}")
+            raise InvalidType(f"{name} must be float32, bfloat16 or float16, got {t.dtype}")
     if student.dim() < 2 or student.shape[0] == 0 or student[0].numel() == 0:
-        raise ValueError(
+        raise InvalidValue(
             f"student must be (B, ...) with B >= 1 and at least one element per row, got shape {tuple(student.shape)}"
         )
     for name, t in (("retain_target", retain_target), ("forget_target", forget_target)):
         if t.shape != student.shape:
-            raise ValueError(f"{name} must have student's shape {tuple(student.shape)}, got {tuple(t.shape)}")
+            raise InvalidValue(f"{name} must have student's shape {tuple(student.shape)}, got {tuple(t.shape)}")
     for name, t in (("retain_target", retain_target), ("forget_target", forget_target), ("is_forget", is_forget)):
         if t.device != student.device:
-            raise ValueError(f"{name} must be on student's device {student.device}, got {t.device}")
+            raise InvalidValue(f"{name} must be on student's device {student.device}, got {t.device}")
     if is_forget.dtype.is_floating_point or is_forget.dtype.is_complex:
-        raise TypeError(f"is_forget must be bool or 0/1 integers, got {is_forget.dtype}")
+        raise InvalidType(f"is_forget must be bool or 0/1 integers, got {is_forget.dtype}")
     if is_forget.shape != student.shape[:1]:
-        raise ValueError(f"is_forget must have shape ({student.shape[0]},) (one flag per row), got {tuple(is_forget.shape)}")
+        raise InvalidValue(f"is_forget must have shape ({student.shape[0]},) (one flag per row), got {tuple(is_forget.shape)}")
     for name, w in (("retain_weight", retain_weight), ("forget_weight", forget_weight)):
         if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(_float32(w)):
-            raise TypeError(f"{name} must be a finite float (in float32's range), got {w!r}")
+            raise InvalidType(f"{name} must be a finite float (in float32's range), got {w!r}")
     if normalize not in NORMALIZE:
-        raise ValueError(f"normalize must be one of {NORMALIZE}, got {normalize!r}")
+        raise InvalidValue(f"normalize must be one of {NORMALIZE}, got {normalize!r}")
 
 
 # ---------------------------------------------------------------------------------------------

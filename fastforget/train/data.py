@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from ..data import DIGITS_CSV
+from ..errors import InvalidValue, MissingPath
 
 
 @dataclass
@@ -33,9 +34,14 @@ class ImageSet:
     def __len__(self) -> int:
         return self.labels.shape[0]
 
+    @property
+    def channels(self) -> int:
+        """Channels per image: the decoded images', or 3 for image folders (decode() reads RGB)."""
+        return self.images.shape[1] if self.images is not None else 3
+
     def subset(self, index: Tensor) -> "ImageSet":
         if self.images is not None:
-            return ImageSet(self.images[index], self.labels[index], self.classes)
+            return ImageSet(self.images[index], self.labels[index], self.classes, source=self.source)
         files = [self.files[i] for i in index.tolist()]
         return ImageSet(None, self.labels[index], self.classes, files, self.source, self.size)
 
@@ -43,7 +49,7 @@ class ImageSet:
 def load_digits(split: str = "train", size: int = 16, test_fraction: float = 0.2, seed: int = 0) -> ImageSet:
     """The embedded handwritten digits (fastforget/data), upsampled to size x size, split with a fixed seed."""
     if split not in ("train", "test"):
-        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+        raise InvalidValue(f"split must be 'train' or 'test', got {split!r}")
     with gzip.open(DIGITS_CSV, "rt") as f:
         rows = torch.tensor([[int(v) for v in line.split(",")] for line in f if line.strip()], dtype=torch.int64)
     images = rows[:, :64].reshape(-1, 1, 8, 8).float() / 16.0
@@ -52,20 +58,20 @@ def load_digits(split: str = "train", size: int = 16, test_fraction: float = 0.2
     order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))
     n_test = int(len(labels) * test_fraction)
     index = order[n_test:] if split == "train" else order[:n_test]
-    return ImageSet(images[index].clamp(0, 1), labels[index], [str(i) for i in range(10)])
+    return ImageSet(images[index].clamp(0, 1), labels[index], [str(i) for i in range(10)], source="the embedded digits")
 
 
 def load_image_folder(path: str, size: int, what: str = "data directory") -> ImageSet:
     """An ImageFolder directory (one sub-directory per class), indexed but not read: choosing
     classes and samples costs nothing, and decode() reads only the chosen files."""
     if not os.path.isdir(path):
-        raise FileNotFoundError(f"{what} {path!r} does not exist or is not a directory")
+        raise MissingPath(f"{what} {path!r} does not exist or is not a directory")
     from torchvision import datasets
 
     try:
         folder = datasets.ImageFolder(path)
     except FileNotFoundError as err:  # no class sub-directory, or no file with an image extension
-        raise ValueError(f"{what} {path!r} holds no images in class sub-directories ({err})") from err
+        raise InvalidValue(f"{what} {path!r} holds no images in class sub-directories ({err})") from err
     labels = torch.tensor([label for _, label in folder.samples], dtype=torch.int64)
     return ImageSet(None, labels, list(folder.classes), [file for file, _ in folder.samples], f"{what} {path!r}", size)
 
@@ -108,19 +114,28 @@ def decode(data: ImageSet, skip_bad: bool = False) -> ImageSet:
     bad = [r for r in results if isinstance(r, str)]
     if bad and not skip_bad:
         listed = "; ".join(bad[:5]) + (f"; and {len(bad) - 5} more" if len(bad) > 5 else "")
-        raise ValueError(f"{data.source}: {len(bad)} of {len(data.files)} image files cannot be read: {listed}. "
+        raise InvalidValue(f"{data.source}: {len(bad)} of {len(data.files)} image files cannot be read: {listed}. "
                          f"Fix or remove them, or skip them with --skip-bad-images")
     if bad:
         print(f"skipped {len(bad)} unreadable image files of {len(data.files)} in {data.source}")
     if not images:
-        raise ValueError(f"{data.source} holds no readable images")
-    return ImageSet(torch.stack(images), data.labels[keep], data.classes, skipped=len(bad))
+        raise InvalidValue(f"{data.source} holds no readable images")
+    return ImageSet(torch.stack(images), data.labels[keep], data.classes, source=data.source, skipped=len(bad))
 
 
 def load(spec: str, size: int, split: str = "train", what: str = "data directory") -> ImageSet:
     """`digits` (read) or an ImageFolder directory (indexed: decode() reads it); what names the
     option in errors."""
     return load_digits(split, size) if spec == "digits" else load_image_folder(spec, size, what)
+
+
+def check_channels(data: ImageSet, channels: int, model: str) -> None:
+    """A model that takes `channels`-channel images must get them: named before any training."""
+    if data.channels != channels:
+        kind = {1: "grayscale", 3: "RGB"}
+        got = f"{kind.get(data.channels, '')} images ({data.channels} channel{'s' * (data.channels != 1)})".strip()
+        raise InvalidValue(f"model {model} takes {channels}-channel images, but {data.source} gives {got}; choose a model "
+                           f"with {data.channels} input channels, or data with {channels}")
 
 
 def class_indices(data: ImageSet, names: Optional[Sequence[str]], what: str) -> list[int]:
@@ -135,7 +150,7 @@ def class_indices(data: ImageSet, names: Optional[Sequence[str]], what: str) -> 
         elif name.isdigit() and int(name) < len(data.classes):
             out.append(int(name))
         else:
-            raise ValueError(f"unknown {what} class {name!r}; known classes: {', '.join(data.classes)}")
+            raise InvalidValue(f"unknown {what} class {name!r}; known classes: {', '.join(data.classes)}")
     return out
 
 
@@ -154,17 +169,17 @@ def select(data: ImageSet, forget: Sequence[str], retain: Sequence[str] = (), pr
     gen = torch.Generator().manual_seed(seed)
     forget_ids = class_indices(data, forget, "forget")
     if not forget_ids:
-        raise ValueError("forget classes must name at least one class")
+        raise InvalidValue("forget classes must name at least one class")
     proxy_ids = class_indices(data, proxy, "proxy")
     retain_ids = class_indices(data, retain, "retain") or (
         [] if proxy_ids or proxy_data is not None else
         [c for c in range(len(data.classes)) if c not in forget_ids])
     overlap = set(forget_ids) & (set(retain_ids) | set(proxy_ids))
     if overlap:
-        raise ValueError(f"classes {[data.classes[c] for c in sorted(overlap)]} are both forgotten and kept")
+        raise InvalidValue(f"classes {[data.classes[c] for c in sorted(overlap)]} are both forgotten and kept")
     forget_set = data.subset(torch.isin(data.labels, torch.tensor(forget_ids)).nonzero()[:, 0])
     if len(forget_set) == 0:
-        raise ValueError(f"the forget classes {list(forget)} have no samples")
+        raise InvalidValue(f"the forget classes {list(forget)} have no samples")
 
     def sample(pool: ImageSet, count: int) -> ImageSet:
         count = min(count, len(pool))
@@ -180,7 +195,7 @@ def select(data: ImageSet, forget: Sequence[str], retain: Sequence[str] = (), pr
         have = sum(len(p) for p in parts)
         parts.append(sample(pool, max(round(proxy_ratio * len(forget_set)) - have, 0)))
     if not parts or sum(len(p) for p in parts) == 0:
-        raise ValueError("no retain samples: name retain classes, proxy classes or proxy data")
+        raise InvalidValue("no retain samples: name retain classes, proxy classes or proxy data")
     labels = torch.cat([p.labels for p in parts])
     if all(p.images is not None for p in parts):
         retain_set = ImageSet(torch.cat([p.images for p in parts]), labels, data.classes)
@@ -188,7 +203,7 @@ def select(data: ImageSet, forget: Sequence[str], retain: Sequence[str] = (), pr
         retain_set = ImageSet(None, labels, data.classes, [f for p in parts for f in p.files],
                               " and ".join(dict.fromkeys(p.source for p in parts)), data.size)
     else:
-        raise ValueError("proxy data must be of the data's kind: an image folder beside an image folder "
+        raise InvalidValue("proxy data must be of the data's kind: an image folder beside an image folder "
                          "(the embedded digits take proxy classes of their own)")
     return UnlearnSets(forget_set, retain_set)
 

@@ -21,7 +21,7 @@ from torch import Tensor
 
 from ..models import load_mae
 from . import data as data_lib
-from .loop import LoopConfig
+from .loop import LoopConfig, output_dir
 from .unlearn import PretrainConfig, UnlearnConfig, pretrain, unlearn
 
 FORGET, RETAIN, PROXY = ("0", "1"), ("2", "3", "4", "5"), ("6", "7", "8", "9")
@@ -82,7 +82,7 @@ def test_sets() -> dict:
 
 def run(cfg: DemoConfig) -> dict:
     t0 = time.perf_counter()
-    os.makedirs(cfg.out, exist_ok=True)
+    output_dir(cfg.out)
     original_ckpt = ensure_original(cfg)
     runs = {"ours": dict(retain_classes=RETAIN), "ours_proxy": dict(proxy_classes=PROXY)}
     if cfg.baselines:

@@ -22,6 +22,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from ..errors import Diverged, InvalidValue
+from ..ops import backends
 from ..weights import load_weights, with_digest
 
 
@@ -70,10 +72,19 @@ def is_real(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
+def output_dir(path: str, flag: str = "--out") -> str:
+    """path, made if needed; one that cannot be made (a file is in the way, no permission) is named."""
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as err:
+        raise InvalidValue(f"{flag} {path!r} cannot be made a directory: {err.strerror or err}") from None
+    return path
+
+
 def require(config, name: str, ok: bool, expected: str) -> None:
     """A config's field check: the error names the field and its command-line flag."""
     if not ok:
-        raise ValueError(f"{name} (--{name.replace('_', '-')}) must be {expected}, got {getattr(config, name)!r}")
+        raise InvalidValue(f"{name} (--{name.replace('_', '-')}) must be {expected}, got {getattr(config, name)!r}")
 
 
 @dataclass
@@ -87,11 +98,28 @@ class Dist:
         return self.rank == 0
 
 
+def resolve_device(spec: Optional[str]) -> torch.device:
+    """--device: 'cpu', 'cuda' or 'cuda:N' (None: CUDA when present), checked against this machine."""
+    if spec is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(spec)
+    except (RuntimeError, TypeError):
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise InvalidValue(f"--device must be 'cpu', 'cuda' or 'cuda:N', got {spec!r}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise InvalidValue(f"--device {spec}: this machine has no CUDA device (torch {torch.__version__})")
+    if device.index is not None and device.index >= torch.cuda.device_count():
+        raise InvalidValue(f"--device {spec}: this machine has {torch.cuda.device_count()} CUDA devices")
+    return device
+
+
 def setup_distributed(device: Optional[str] = None) -> Dist:
     """torchrun's environment -> process group (nccl on GPUs, gloo on the CPU); else one process."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
-    cuda = torch.cuda.is_available() if device is None else device.startswith("cuda")
+    cuda = resolve_device(device).type == "cuda"
     dev = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}" if cuda else "cpu")
     if cuda:
         torch.cuda.set_device(dev)
@@ -209,12 +237,12 @@ def _check_resumable(state: dict, now: dict, ckpt_path: str) -> None:
     saved = state.get("settings", {})
     changed = [f"{k} was {saved[k]!r}, now {v!r}" for k, v in now.items() if k in saved and saved[k] != v]
     if changed:
-        raise ValueError(f"--resume: {ckpt_path} is from a run with other settings ({'; '.join(changed)}): "
+        raise InvalidValue(f"--resume: {ckpt_path} is from a run with other settings ({'; '.join(changed)}): "
                          f"the resumed run would repeat neither; resume with its settings, or start in another --out")
 
 
 def _run(cfg, d, model, trainable, steps_per_epoch, batches, loss_fn, checkpoint_extra) -> dict:
-    os.makedirs(cfg.out, exist_ok=True)
+    output_dir(cfg.out)
     ckpt_path = os.path.join(cfg.out, "checkpoint.pt")
     if d.main:  # temporaries of saves that a kill interrupted: never read, safe to drop
         for name in os.listdir(cfg.out):
@@ -240,6 +268,7 @@ def _run(cfg, d, model, trainable, steps_per_epoch, batches, loss_fn, checkpoint
         wrapped = nn.parallel.DistributedDataParallel(trainable, device_ids=device_ids)
     params = [p for p in trainable.parameters() if p.requires_grad]
     loss_fn = torch.compile(loss_fn) if cfg.compile else loss_fn
+    backends.prepare(d.device)  # a first native build is announced and done before the progress bar
 
     bar = _progress(total, start) if (d.main and cfg.progress) else None
     last: dict = {}
@@ -306,7 +335,7 @@ def _stop_unless_finite(finite: Tensor, params: list[Tensor], d: Dist, done: int
         dist.all_reduce(ok, op=dist.ReduceOp.MIN)
     if not bool(ok):
         kept = f"{ckpt_path} (step {saved})" if os.path.exists(ckpt_path) else "no checkpoint was written"
-        raise FloatingPointError(
+        raise Diverged(
             f"stopped at step {done}: a loss, gradient norm or parameter became NaN or Inf after step {saved} "
             f"(check the learning rate and the inputs); no checkpoint since holds it: {kept}")
 
@@ -316,7 +345,7 @@ def load_checkpoint(path: str) -> dict:
     state = load_weights(path, "checkpoint")
     for key in ("model", "optimizer", "step"):
         if not isinstance(state, dict) or key not in state:
-            raise ValueError(f"checkpoint {path} lacks its {key!r} entry")
+            raise InvalidValue(f"checkpoint {path} lacks its {key!r} entry")
     return state
 
 

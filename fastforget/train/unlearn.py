@@ -227,6 +227,9 @@ def unlearn(cfg: UnlearnConfig) -> dict:
     size = source_size(original.patch_embed.img_size[0], cfg.augment)
     dataset = data_lib.load(cfg.data, size, what="--data directory")
     proxy_data = data_lib.load(cfg.proxy_data, size, what="--proxy-data directory") if cfg.proxy_data else None
+    for data in (dataset, proxy_data):
+        if data is not None:
+            data_lib.check_channels(data, original.patch_embed.proj.in_channels, name)
     sets = data_lib.select(dataset, cfg.forget_classes, cfg.retain_classes, cfg.proxy_classes, proxy_data,
                            cfg.retain_ratio, cfg.proxy_ratio, seed=cfg.loop.seed)
     # Image folders are read only now, and only the chosen files: a forget set, not the whole folder.
@@ -300,7 +303,9 @@ def pretrain(cfg: PretrainConfig) -> dict:
     torch.manual_seed(cfg.loop.seed)
     model = create_mae(cfg.model).to(d.device)
     size = model.patch_embed.img_size[0]
-    dataset = data_lib.decode(data_lib.load(cfg.data, source_size(size, cfg.augment), what="--data directory"))
+    dataset = data_lib.load(cfg.data, source_size(size, cfg.augment), what="--data directory")
+    data_lib.check_channels(dataset, model.patch_embed.proj.in_channels, cfg.model)
+    dataset = data_lib.decode(dataset)
     augmented = _augmenter(cfg.augment, size, d)
     steps_per_epoch = max(len(dataset) // (cfg.loop.batch_size * cfg.loop.accum_steps * d.world), 1)
 
