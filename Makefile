@@ -7,11 +7,12 @@ TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 
 .PHONY: demo test test-gpu bench info clean
 
+# PYTHONWARNINGS: setuptools' notice about editable installs is not a warning about anything here.
 $(VENV)/.ready: pyproject.toml setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip setuptools wheel
 	$(PY) -m pip install -q $(TORCH_PINS)
-	$(PY) -m pip install -q --no-build-isolation -e '.[dev,demo]'
+	PYTHONWARNINGS=ignore::UserWarning $(PY) -m pip install -q --no-build-isolation -e '.[dev,demo]'
 	touch $@
 
 # The main job on the embedded digits: pretrain, unlearn two ways, evaluate (under 3 minutes on 2 cores).

@@ -31,6 +31,7 @@ if os.environ.get("FASTFORGET_BUILD_EXT") == "1":
     ext_modules, cmdclass = native.setup_extensions()
 
 setup(
+    license="MIT",
     package_dir=package_dir,
     packages=packages,
     package_data=package_data,

@@ -238,14 +238,25 @@ def _cpu_peak_mb(spec: Spec) -> float:
 PROFILED_STEPS = 2
 
 
+def _profiler():
+    """torch.profiler, with Kineto's own log lines off on a machine without CUDA (its "profiler_start"
+    and "gpuGetDeviceCount failed" lines say nothing there, and read like a failure); read by
+    Kineto when it first starts, and a user's KINETO_LOG_LEVEL wins."""
+    if not torch.cuda.is_available():
+        os.environ.setdefault("KINETO_LOG_LEVEL", "6")
+    from torch import profiler
+
+    return profiler
+
+
 def profile_steps(step, device: torch.device, path: str) -> str:
     """Profiles PROFILED_STEPS steps: path.txt, the ops with the most self time on the device (the
     CPU without one), and path.json.gz, a Chrome/Perfetto trace that shows launch gaps. Returns
     path.txt."""
-    from torch.profiler import ProfilerActivity, profile
-
+    profiler = _profiler()
     cuda = device.type == "cuda"
-    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+    activities = [profiler.ProfilerActivity.CPU] + ([profiler.ProfilerActivity.CUDA] if cuda else [])
+    with profiler.profile(activities=activities) as prof:
         for _ in range(PROFILED_STEPS):
             step()
         sync(device)
@@ -287,10 +298,9 @@ def _serve(spec: Spec, conn) -> None:
 def cpu_allocations():
     """Yields peak() -> the most CPU bytes allocated at once inside the block (model, optimizer
     state, activations), from the profiler's allocator events: CPU tensors have no allocator stats."""
-    from torch.profiler import ProfilerActivity, profile
-
+    profiler = _profiler()
     peak = [0]
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    with profiler.profile(activities=[profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
         yield lambda: peak[0]
     with tempfile.TemporaryDirectory() as tmp:
         trace = os.path.join(tmp, "trace.json")
