@@ -2,11 +2,11 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 from torch.distributed.elastic.multiprocessing.errors import get_error_handler, record
 
+from .console import say
 from .errors import InvalidValue, UserError, one_line
 
 
@@ -166,9 +166,15 @@ def main(argv=None) -> int:
         return run(args)
     except UserError as err:
         get_error_handler().record_exception(err)  # torchrun's error file (a no-op without torchrun)
-        if os.environ.get("RANK", "0") == "0":  # every rank meets the same error: say it once
-            sys.stderr.write(f"fastforget {args.command}: error: {one_line(err)}\n")
+        say(f"fastforget {args.command}: error: {one_line(err)}", err=True)
         raise SystemExit(2) from None
+
+
+def finished(metrics: dict, out: str) -> str:
+    """A training run's last line: where it got to, its last logged losses, what it wrote."""
+    losses = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if k.endswith("loss"))
+    return (f"step {metrics['step']} (epoch {metrics['epoch']:.3g}) in {metrics['seconds']:.1f} s; {losses}; "
+            f"wrote {out}/checkpoint.pt and {out}/metrics.jsonl")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -182,16 +188,17 @@ def run(args: argparse.Namespace) -> int:
                           save_every=args.save_every, stop_after=args.stop_after, resume=args.resume,
                           compile=args.compile, deterministic=args.deterministic)
         if args.command == "pretrain":
-            print(run_pretrain(PretrainConfig(model=args.model, data=args.data, mask_ratio=args.mask_ratio,
-                                              device=args.device, augment=args.augment, loop=loop)))
+            say(finished(run_pretrain(PretrainConfig(model=args.model, data=args.data, mask_ratio=args.mask_ratio,
+                                                     device=args.device, augment=args.augment, loop=loop)), args.out))
             return 0
         split = lambda text: tuple(c for c in text.split(",") if c)  # noqa: E731
-        print(run_unlearn(UnlearnConfig(
+        say(finished(run_unlearn(UnlearnConfig(
             checkpoint=args.checkpoint, model=args.model, data=args.data, forget_classes=split(args.forget_classes),
             retain_classes=split(args.retain_classes), proxy_classes=split(args.proxy_classes),
             proxy_data=args.proxy_data, skip_bad_images=args.skip_bad_images, retain_ratio=args.retain_ratio,
             proxy_ratio=args.proxy_ratio, forget_weight=args.forget_weight, normalize=args.normalize, noise=args.noise,
-            mask_ratio=args.mask_ratio, method=args.method, device=args.device, augment=args.augment, loop=loop)))
+            mask_ratio=args.mask_ratio, method=args.method, device=args.device, augment=args.augment, loop=loop)),
+            args.out))
         return 0
     if args.command == "eval":
         from .eval.run import evaluate_checkpoints

@@ -229,7 +229,8 @@ def _build_and_load(name: str) -> str:
             f"torch{torch.__version__}-{name}" + (f"-{cpu_capability().lower()}" if name == "cpu" else ""),
         )
         os.makedirs(build_dir, exist_ok=True)
-        if _stale(name, os.path.join(build_dir, f"{namespace}.so")):  # said before the wait, not inside a step
+        if _stale(name, os.path.join(build_dir, f"{namespace}.so")) and os.environ.get("RANK", "0") == "0":
+            # said before the wait (once per run, not per rank), not hidden inside a first step
             print(f"fastforget: building the {name} extension (first use only, about 30 s on 2 cores); "
                   f"cached in {build_dir}", file=sys.stderr, flush=True)
         try:

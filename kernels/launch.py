@@ -1,7 +1,20 @@
 """What every launch helper shares."""
 import functools
+import os
 
 import torch
+
+
+def interpreting() -> bool:
+    """Whether the kernels run under Triton's interpreter (on the CPU)."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def upcast_dot(dtype: torch.dtype) -> bool:
+    """Whether tl.dot must take its operands as float32: the interpreter's bfloat16 tl.dot is wrong
+    (triton 3.8: off by up to 2e10 on 16x16 tiles) where float32 and float16 are exact. The operands
+    are bfloat16 values already, so in float32 the products are exactly what tensor cores multiply."""
+    return dtype == torch.bfloat16 and interpreting()
 
 
 def on_inputs_device(launch):

@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import on_inputs_device
+from .launch import on_inputs_device, upcast_dot
 
 # Tiles: 64 rows x 64 channels of output, features in steps of 32 (tensor-core friendly for
 # bf16/fp16; tl.dot needs >= 16 everywhere). TODO(gpu): tune on the H200 (issue 6).
@@ -24,7 +24,7 @@ def patch_embed_kernel(
     images_ptr, ids_ptr, weight_ptr, bias_ptr, pos_ptr, cls_ptr, out_ptr,
     rows, height, width, grid_w, keep, tokens, dim, features,
     PATCH: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_CLS: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    UPCAST_DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     r = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -52,7 +52,10 @@ def patch_embed_kernel(
         a = tl.load(images_ptr + image_base[:, None] + (c * height * width + i * width + j)[None, :],
                     mask=patch_row[:, None] & f_ok[None, :], other=0.0).to(weight_ptr.dtype.element_ty)
         w = tl.load(weight_ptr + n[None, :] * features + f[:, None], mask=f_ok[:, None] & n_ok[None, :], other=0.0)
-        acc = tl.dot(a, w, acc, input_precision=INPUT_PRECISION)
+        if UPCAST_DOT:  # the interpreter's bf16 dot is wrong: the same products in float32 (launch.upcast_dot)
+            acc = tl.dot(a.to(tl.float32), w.to(tl.float32), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(a, w, acc, input_precision=INPUT_PRECISION)
 
     # Epilogue: position (row 0 for cls), then bias on patch rows or cls on the cls row.
     pos_row = tl.where(is_cls, 0, 1 + l)
@@ -92,7 +95,7 @@ def masked_patch_embed(images, weight, bias, pos_embed, ids_keep, cls_token):
         cls_token if cls_token is not None else weight, out,
         rows, height, width, width // patch, keep, tokens, dim, channels * patch * patch,
         PATCH=patch, HAS_BIAS=bias is not None, HAS_CLS=cls_token is not None,
-        INPUT_PRECISION=input_precision(weight.dtype), BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
+        INPUT_PRECISION=input_precision(weight.dtype), UPCAST_DOT=upcast_dot(weight.dtype), BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
         num_warps=NUM_WARPS, num_stages=NUM_STAGES,
     )
     return out
@@ -109,5 +112,6 @@ def aot_variants():
                 yield patch_embed_kernel, dict(
                     images_ptr=f"*{image_ty}", ids_ptr="*i64", weight_ptr=f"*{param_ty}", bias_ptr=f"*{param_ty}",
                     pos_ptr=f"*{param_ty}", cls_ptr=f"*{param_ty}", out_ptr=f"*{param_ty}", **ints), dict(
-                    PATCH=patch, HAS_BIAS=True, HAS_CLS=has_cls, INPUT_PRECISION=precision, BLOCK_M=BLOCK_M,
+                    PATCH=patch, HAS_BIAS=True, HAS_CLS=has_cls, INPUT_PRECISION=precision, UPCAST_DOT=False,
+                    BLOCK_M=BLOCK_M,
                     BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K), ("dim", "features", "width"), NUM_WARPS

@@ -35,6 +35,19 @@ def test_named_configs_are_the_official_ones():
         create_mae("vit")
 
 
+def test_constructor_defaults_are_upstreams_and_named_configs_pass_its_eps():
+    """models_mae.MaskedAutoencoderViT(**kwargs) without norm_layer uses nn.LayerNorm (eps 1e-5); its
+    named configs (mae_vit_*) pass eps 1e-6. Code ported from it gets the same model here."""
+    from fastforget.models import MaskedAutoencoderViT
+
+    args = dict(img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=4, decoder_embed_dim=16,
+                decoder_depth=1, decoder_num_heads=2)
+    assert {m.eps for m in MaskedAutoencoderViT(**args).modules() if isinstance(m, torch.nn.LayerNorm)} == {1e-5}
+    for name in CONFIGS:
+        model = create_mae(name, **args) if name != "mae_vit_tiny" else create_mae(name)
+        assert {m.eps for m in model.modules() if isinstance(m, torch.nn.LayerNorm)} == {1e-6}, name
+
+
 def test_patchify_is_mae_order_and_unpatchify_inverts_it():
     model = small()
     imgs = torch.rand(2, 3, 32, 32)

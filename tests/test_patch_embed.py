@@ -102,9 +102,6 @@ def test_matches_reference_fp32(backend, device, case):
 @pytest.mark.parametrize("backend,device", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_low_precision_flash_attention_rule(backend, device, dtype):
-    if backend == "triton" and backends.triton_interpret() and dtype == torch.bfloat16:
-        pytest.skip("the Triton interpreter multiplies bf16 tiles wrongly in tl.dot (seen in triton 3.8); "
-                    "the gpu-marked run covers bf16")
     images, ids_keep, params = make(device, dtype=dtype, image_dtype=torch.float32)
     params64 = {k: None if v is None else v.detach().double().requires_grad_() for k, v in params.items()}
     want, want_grads = run(reference.masked_patch_embed, images.double(), ids_keep, params64)

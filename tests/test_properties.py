@@ -177,9 +177,8 @@ def patch_inputs(case):
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_patch_embed_matches_the_reference(backend):
-    # The Triton interpreter multiplies bf16/fp16 tiles wrongly (triton 3.8): low precision on the GPU only.
     @run_settings(backend)
-    @given(case=patch_cases(low_precision=backend != "triton"))
+    @given(case=patch_cases(low_precision=True))
     def check(case):
         images, weight, bias, pos, ids_keep, cls = patch_inputs(case)
         params = [t for t in (weight, bias, pos, cls) if t is not None]

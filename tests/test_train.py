@@ -124,6 +124,14 @@ def test_two_ranks_compute_what_one_does(original, tmp_path):
     assert a["step"] == b["step"] >= 2
     for name, value in a["model"].items():
         torch.testing.assert_close(value, b["model"][name], rtol=1e-4, atol=1e-5, msg=name)
+    # The log is the global batch's, and the run reads the same whatever its world size: one
+    # summary line, the same losses in metrics.jsonl.
+    logs = [[json.loads(line) for line in open(tmp_path / run / "metrics.jsonl")] for run in ("one", "two")]
+    assert [m["step"] for m in logs[0]] == [m["step"] for m in logs[1]]
+    for m1, m2 in zip(*logs):
+        for key in ("loss", "retain_loss", "forget_loss", "grad_norm"):
+            assert m2[key] == pytest.approx(m1[key], rel=1e-4, abs=1e-7), (m1["step"], key)
+    assert one.stdout.count("wrote ") == two.stdout.count("wrote ") == 1
 
 
 def test_demo_runs_end_to_end_at_toy_length(tmp_path):

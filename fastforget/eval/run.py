@@ -130,17 +130,19 @@ def markdown(report: dict) -> str:
 
 
 def _grid(models, sets, task, ratio, generated, path, per_set: int = 6) -> None:
-    """Rows: ground truth, the task's input (removed region grey), each model's output."""
-    from torchvision.utils import save_image
+    """Rows: ground truth, the task's input (removed region grey), each model's output; forget
+    then retain columns, each row and group named on the image."""
+    from .pictures import save_grid
 
     truth = torch.cat([sets[s].images[:per_set] for s in ("forget", "retain")])
     first = next(iter(models.values()))
     region = first.unpatchify(removed_patches(first, task, ratio).float()[None, :, None].expand(
         1, -1, first.patchify(truth[:1]).shape[-1]))[:, :1]
-    rows = [truth, truth * (1 - region) + 0.5 * region]
-    rows += [torch.cat([generated[(task, name, s)][:per_set] for s in ("forget", "retain")]) for name in models]
-    grid = torch.nn.functional.interpolate(torch.cat(rows), scale_factor=4, mode="nearest")
-    save_image(grid, path, nrow=truth.shape[0], padding=2, pad_value=1.0)
+    rows = [("ground truth", truth), ("input", truth * (1 - region) + 0.5 * region)]
+    rows += [(name, torch.cat([generated[(task, name, s)][:per_set] for s in ("forget", "retain")]))
+             for name in models]
+    groups = [(f"{s} set", min(per_set, len(sets[s]))) for s in ("forget", "retain")]
+    save_grid(path, rows, groups, title=f"{task}: the removed region grey in the input; each model fills it in")
 
 
 def _tsne(extractor, sets, generated, task, models, path, per_set: int = 150) -> None:

@@ -86,7 +86,7 @@ class MaskedAutoencoderViT(nn.Module):
                  norm_pix_loss=False, pixel_mean: Optional[Sequence[float]] = IMAGENET_MEAN,
                  pixel_std: Optional[Sequence[float]] = IMAGENET_STD):
         super().__init__()
-        norm_layer = norm_layer or partial(nn.LayerNorm, eps=1e-6)
+        norm_layer = norm_layer or nn.LayerNorm  # models_mae.py's default; its named configs pass eps 1e-6
         self.patch_embed = MaskedPatchEmbed(img_size, patch_size, in_chans, embed_dim)
         num_patches = self.patch_embed.num_patches
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
@@ -224,16 +224,17 @@ class MaskedAutoencoderViT(nn.Module):
         yield self.cls_token
 
 
+_LN = partial(nn.LayerNorm, eps=1e-6)  # what models_mae.py's named configs pass
 CONFIGS = {
     "mae_vit_base_patch16": dict(patch_size=16, embed_dim=768, depth=12, num_heads=12, decoder_embed_dim=512,
-                                 decoder_depth=8, decoder_num_heads=16, mlp_ratio=4),
+                                 decoder_depth=8, decoder_num_heads=16, mlp_ratio=4, norm_layer=_LN),
     "mae_vit_large_patch16": dict(patch_size=16, embed_dim=1024, depth=24, num_heads=16, decoder_embed_dim=512,
-                                  decoder_depth=8, decoder_num_heads=16, mlp_ratio=4),
+                                  decoder_depth=8, decoder_num_heads=16, mlp_ratio=4, norm_layer=_LN),
     "mae_vit_huge_patch14": dict(patch_size=14, embed_dim=1280, depth=32, num_heads=16, decoder_embed_dim=512,
-                                 decoder_depth=8, decoder_num_heads=16, mlp_ratio=4),
+                                 decoder_depth=8, decoder_num_heads=16, mlp_ratio=4, norm_layer=_LN),
     # Small grayscale images (the embedded digits, 16x16): trains in seconds on a CPU.
     "mae_vit_tiny": dict(img_size=16, patch_size=2, in_chans=1, embed_dim=64, depth=4, num_heads=4,
-                         decoder_embed_dim=64, decoder_depth=2, decoder_num_heads=4, mlp_ratio=2,
+                         decoder_embed_dim=64, decoder_depth=2, decoder_num_heads=4, mlp_ratio=2, norm_layer=_LN,
                          pixel_mean=(0.5,), pixel_std=(0.5,)),
 }
 

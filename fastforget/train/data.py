@@ -17,6 +17,7 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
+from ..console import say
 from ..data import DIGITS_CSV
 from ..errors import InvalidValue, MissingPath
 
@@ -117,7 +118,7 @@ def decode(data: ImageSet, skip_bad: bool = False) -> ImageSet:
         raise InvalidValue(f"{data.source}: {len(bad)} of {len(data.files)} image files cannot be read: {listed}. "
                          f"Fix or remove them, or skip them with --skip-bad-images")
     if bad:
-        print(f"skipped {len(bad)} unreadable image files of {len(data.files)} in {data.source}")
+        say(f"skipped {len(bad)} unreadable image files of {len(data.files)} in {data.source}")
     if not images:
         raise InvalidValue(f"{data.source} holds no readable images")
     return ImageSet(torch.stack(images), data.labels[keep], data.classes, source=data.source, skipped=len(bad))

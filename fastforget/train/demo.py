@@ -129,17 +129,18 @@ def format_report(report: dict) -> str:
 
 def _save_grid(models, sets, cfg: DemoConfig, per_set: int = 6) -> None:
     """Rows: originals, masked inputs (removed patches grey), then each model's reconstruction of
-    the removed patches pasted into the kept ones, as MAE shows them; forget then retain columns."""
-    from torchvision.utils import save_image
+    the removed patches pasted into the kept ones, as MAE shows them; forget then retain columns,
+    each row and group named on the image."""
+    from ..eval.pictures import save_grid
 
     images = torch.cat([s.images[:per_set] for s in sets.values()])
-    rows = [images]
-    for model in models.values():
+    rows = [("original", images)]
+    for name, model in models.items():
         recon, mask = masked_reconstruction(model, images, cfg.mask_ratio, cfg.seed + 2)
         kept = _kept_pixels(model, images, mask)
         if len(rows) == 1:
-            rows.append(images * kept + 0.5 * (1 - kept))
-        rows.append(images * kept + recon * (1 - kept))
-    grid = torch.cat(rows)
-    grid = torch.nn.functional.interpolate(grid, scale_factor=4, mode="nearest")
-    save_image(grid, os.path.join(cfg.out, "reconstructions.png"), nrow=images.shape[0], padding=2, pad_value=1.0)
+            rows.append(("masked input", images * kept + 0.5 * (1 - kept)))
+        rows.append((name, images * kept + recon * (1 - kept)))
+    groups = [(f"forget digits {', '.join(FORGET)}", per_set), (f"retain digits {', '.join(RETAIN)}", per_set)]
+    save_grid(os.path.join(cfg.out, "reconstructions.png"), rows, groups,
+              title=f"test digits, {cfg.mask_ratio:.0%} of patches removed (grey); each model fills them in")

@@ -300,7 +300,7 @@ def _run(cfg, d, model, trainable, steps_per_epoch, batches, loss_fn, checkpoint
         if logging or saving:  # host reads only here, on every rank alike
             _stop_unless_finite(finite, params if saving else [], d, done, saved, ckpt_path)
         if logging:
-            values = {k: float(v) / counted for k, v in sums.items()}
+            values = _global_means(sums, counted, d)
             last = {"step": done, "epoch": done / steps_per_epoch, "lr": lr, "grad_norm": float(grad_norm),
                     **values, "seconds": time.perf_counter() - t0}
             sums, counted = {}, 0
@@ -321,6 +321,17 @@ def _run(cfg, d, model, trainable, steps_per_epoch, batches, loss_fn, checkpoint
     if d.world > 1:
         dist.barrier()
     return last
+
+
+def _global_means(sums: dict[str, Tensor], counted: int, d: Dist) -> dict[str, float]:
+    """Each logged value's mean over the micro-batches since the last log and over the ranks: the
+    global batch's loss (exactly, for the reference normalisation, whose rank means are of equal
+    batches), read back once, at a log step only."""
+    stacked = torch.stack([sums[k] for k in sums]).double() / counted
+    if d.world > 1:
+        dist.all_reduce(stacked)
+        stacked /= d.world
+    return dict(zip(sums, stacked.tolist()))
 
 
 def _stop_unless_finite(finite: Tensor, params: list[Tensor], d: Dist, done: int, saved: int, ckpt_path: str) -> None:
