@@ -67,6 +67,10 @@ def build_parser() -> argparse.ArgumentParser:
     teacher.add_argument("--image-size", type=count, default=224)
     _common(teacher)
 
+    overhead = ops.add_parser("overhead", help="what each op call costs beyond its kernel, at a tiny shape")
+    overhead.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
+    overhead.add_argument("--reps", type=count, default=10, help="timed calls per sample at least")
+    overhead.add_argument("--csv", default=None, help="append one row per provider to this CSV file")
     sweep_ops = ops.add_parser("ops", help="every op over MAE/MAGE shapes and providers, against the roofline")
     sweep_ops.add_argument("--size", default=None, choices=["small", "large"],
                            help="shape set (default: large on CUDA, small on the CPU)")
@@ -234,10 +238,11 @@ def run(args: argparse.Namespace) -> int:
         print(report())
         return 0
     from .bench import loss as bench_loss, ops as bench_ops, patch as bench_patch, step as bench_step
-    from .bench import attention as bench_attention, teacher as bench_teacher
+    from .bench import attention as bench_attention, overhead as bench_overhead, teacher as bench_teacher
 
     return {"loss": bench_loss, "patch": bench_patch, "attention": bench_attention, "teacher": bench_teacher,
-            "step": bench_step, "ops": bench_ops}[args.op].main(args)
+            "step": bench_step, "ops": bench_ops,
+            "overhead": bench_overhead}[args.op].main(args)
 
 
 if __name__ == "__main__":

@@ -126,8 +126,7 @@ def test_long_sequences_go_to_torch_and_forcing_the_cpu_kernel_says_why():
 
 @pytest.mark.parametrize("name", ["cuda", "triton"])
 def test_gpu_kernel_backends_refuse_with_the_reason(name, monkeypatch):
-    monkeypatch.setattr(backends, "unavailable_reason", lambda n: None)
-    monkeypatch.setattr(backends, "device_reasons", lambda n, d: [])
+    monkeypatch.setattr(backends, "standing_reasons", lambda n, d: [])
     with pytest.raises(backends.BackendUnavailable, match="scaled_dot_product_attention"):
         qkv_attention(make(1, 4, 1, 4).float(), 1, backend=name)
 
@@ -181,3 +180,10 @@ def test_compiled_attention_follows_changing_sequence_lengths():
                                    rtol=1e-5, atol=1e-5)
         out.sum().backward()
         assert qkv.grad.shape == qkv.shape
+
+
+def test_inference_mode():
+    qkv = make(2, 5, 2, 4).float()
+    with torch.inference_mode():
+        out = qkv_attention(qkv, 2, backend="cpu")
+    torch.testing.assert_close(out.double(), reference.qkv_attention(qkv.double(), 2), rtol=1e-5, atol=1e-5)

@@ -9,7 +9,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from fastforget import cli
-from fastforget.bench import ops as bench_ops, step as bench_step, timing
+from fastforget.bench import ops as bench_ops, overhead as bench_overhead, step as bench_step, timing
 from fastforget.models import create_mae
 from fastforget.ops import random_masking
 
@@ -74,12 +74,12 @@ def test_bench_step_writes_rows_plot_and_profiles(tmp_path, capsys):
         table = (tmp_path / "profile" / f"{provider}.txt").read_text()
         assert "self_cpu_time_total" in table and "aten::" in table
         assert (tmp_path / "profile" / f"{provider}.json.gz").stat().st_size > 0
-    assert "fastforget::qkv_attention" in (tmp_path / "profile" / "fastforget.txt").read_text()
+    assert "fastforget_cpu::qkv_attention" in (tmp_path / "profile" / "fastforget.txt").read_text()
 
 
 def test_bench_step_rejects_unknown_provider():
     with pytest.raises(ValueError, match="--providers"):
-        cli.main(["bench", "step", "--providers", "reference,fast", "--device", "cpu"])
+        bench_step.main(cli.build_parser().parse_args(["bench", "step", "--providers", "reference,fast"]))
 
 
 def test_bench_ops_sweeps_and_plots(tmp_path, monkeypatch, capsys):
@@ -90,10 +90,15 @@ def test_bench_ops_sweeps_and_plots(tmp_path, monkeypatch, capsys):
     assert cli.main(["bench", "ops", "--device", "cpu", "--reps", "1", "--csv", str(path)]) == 0
     with open(path) as f:
         rows = list(csv.DictReader(f))
-    assert {r["op"] for r in rows} == {"loss", "patch", "teacher"}
-    assert all(float(r["ms"]) > 0 and float(r["ceiling"]) > 0 for r in rows)
+    roofline = [r for r in rows if r["unit"] != "call"]
+    assert {r["op"] for r in roofline} == {"loss", "patch", "teacher"}
+    assert all(float(r["ms"]) > 0 and float(r["ceiling"]) > 0 for r in roofline)
+    calls = {(r["op"], r["provider"]): float(r["ms"]) for r in rows if r["unit"] == "call"}
+    assert set(calls) == {(f"overhead:{op}", p) for op in bench_overhead.OPS for p in bench_overhead.PROVIDERS}
+    assert all(ms > 0 for ms in calls.values())
     assert (tmp_path / "ops.png").stat().st_size > 0
-    assert "copy bandwidth" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "copy bandwidth" in out and "op call overhead at tiny shapes" in out and "fastforget - kernel" in out
 
 
 def test_bench_step_names_what_failed_in_a_provider_process():
@@ -125,3 +130,23 @@ def test_median_ms_on_cuda_times_the_loop_or_the_gpu_alone():
     call = _host_bound(device)
     assert timing.median_ms(call, device, warmup=1, reps=5, min_time_s=0) > 1.9
     assert timing.median_ms(call, device, warmup=1, reps=5, min_time_s=0, gpu_only=True) < 0.2
+
+
+def test_paired_rounds_cancel_drift_and_take_more_rounds_when_unsettled():
+    """A machine whose speed drifts 3x over the run slows both providers of a round alike: the paired
+    ratio stays exact and settles in the first rounds; a provider whose own times jump is flagged
+    after more rounds, and the note says so."""
+    drift = iter([1.0 + 0.4 * k for k in range(100)])
+    speed = [1.0]
+
+    def baseline():
+        speed[0] = next(drift)
+        return 10.0 * speed[0]
+
+    steady = timing.paired_rounds({"eager": baseline, "fast": lambda: 4.0 * speed[0]}, "eager")
+    assert steady["fast"].ratio == pytest.approx(2.5) and steady["fast"].spread < 1e-9
+    assert len(steady["fast"].rounds) == timing.ROUNDS and timing.unsettled_note(steady) == ""
+    jumpy = iter([1.0, 3.0] * 50)
+    loose = timing.paired_rounds({"eager": lambda: 10.0, "noisy": lambda: next(jumpy)}, "eager")
+    assert len(loose["noisy"].rounds) == timing.MAX_ROUNDS and not loose["noisy"].settled
+    assert "unsettled" in timing.unsettled_note(loose) and "noisy" in timing.unsettled_note(loose)

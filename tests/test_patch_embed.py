@@ -202,3 +202,20 @@ def test_bad_input(change, error, match):
     args = {**_good(), **change}
     with pytest.raises(error, match=match):
         fastforget.masked_patch_embed(**args)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("bias,cls", [(True, True), (False, True), (True, False), (False, False)])
+def test_inference_mode_and_optional_parameters(backend, device, bias, cls):
+    """The C++ autograd counts only the tensors given (bias and cls are optional); inference_mode
+    skips autograd altogether."""
+    images, ids_keep, params = make(device, bias=bias, cls=cls)
+    out, grads = run(lambda *a: fastforget.masked_patch_embed(*a, backend=backend), images, ids_keep, params)
+    ref, ref_grads = run(reference.masked_patch_embed, images, ids_keep, params)
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+    for got, want in zip(grads, ref_grads):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    with torch.inference_mode():
+        plain = fastforget.masked_patch_embed(images, params["weight"], params["bias"], params["pos_embed"], ids_keep,
+                                              params["cls_token"], backend=backend)
+    torch.testing.assert_close(plain, ref, rtol=1e-4, atol=1e-4)

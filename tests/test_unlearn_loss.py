@@ -289,3 +289,12 @@ def test_auto_order_error_lists_every_backend():
 
 def test_auto_picks_the_cpu_kernel_on_the_cpu():
     assert backends.select("op", "", torch.device("cpu"), lambda name: []) == "cpu"
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_inference_mode(backend, device):
+    """Under inference_mode the autograd kernels are skipped (the C++ ops' own below-autograd kernels)."""
+    s, r, f, m = make((3, 10), "random", device)
+    with torch.inference_mode():
+        a = fastforget.unlearn_loss(s, r, f, m, backend=backend)
+    torch.testing.assert_close(a.loss, fastforget.unlearn_loss(s.detach(), r, f, m, backend=backend).loss)

@@ -9,6 +9,7 @@
 #include <mutex>
 #include <vector>
 
+#include "../common/autograd.h"
 #include "../common/bindings.h"
 #include "attention.h"
 #include "patch_embed.h"
@@ -132,8 +133,10 @@ at::Tensor masked_patch_embed(const at::Tensor& images, const at::Tensor& weight
                               const std::optional<at::Tensor>& cls) {
   TORCH_CHECK(images.device().is_cpu(), "images must be on the CPU, got ", images.device());
   const int64_t length = pos.numel() / std::max<int64_t>(weight.size(0), 1) - 1;
-  TORCH_CHECK(ids_keep.numel() == 0 || (ids_keep.min().item<int64_t>() >= 0 && ids_keep.max().item<int64_t>() < length),
-              "ids_keep must lie in [0, ", length, ")");
+  if (ids_keep.numel() > 0) {
+    const auto [low, high] = at::aminmax(ids_keep);
+    TORCH_CHECK(low.item<int64_t>() >= 0 && high.item<int64_t>() < length, "ids_keep must lie in [0, ", length, ")");
+  }
   return masked_patch_embed_with(images, weight, bias, pos, ids_keep, cls, [](const PatchEmbedArgs& args) {
     const int64_t rows = args.batch * patch_tokens(args);
     at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) { gather_patches(args, begin, end); });
@@ -197,10 +200,21 @@ at::Tensor qkv_attention_backward(const at::Tensor& grad_out, const at::Tensor& 
   return grad_qkv;
 }
 
+struct Kernels {  // for autograd.h
+  static constexpr auto unlearn_loss_forward = &fastforget::unlearn_loss_forward;
+  static constexpr auto unlearn_loss_scale_grad = &fastforget::unlearn_loss_scale_grad;
+  static constexpr auto masked_patch_embed = &fastforget::masked_patch_embed;
+  static constexpr auto qkv_attention_forward = &fastforget::qkv_attention_forward;
+  static constexpr auto qkv_attention_backward = &fastforget::qkv_attention_backward;
+};
+
 }  // namespace
 }  // namespace fastforget
 
 TORCH_LIBRARY(fastforget_cpu, m) {
+  m.def(fastforget::kUnlearnLossSchema);
+  m.def(fastforget::kMaskedPatchEmbedAutogradSchema);
+  m.def(fastforget::kAttentionSchema);
   m.def(fastforget::kUnlearnLossForwardSchema);
   m.def(fastforget::kUnlearnLossScaleGradSchema);
   m.def(fastforget::kTeacherBatchSchema);
@@ -216,4 +230,17 @@ TORCH_LIBRARY_IMPL(fastforget_cpu, CPU, m) {
   m.impl("unlearn_loss_scale_grad", &fastforget::unlearn_loss_scale_grad);
   m.impl("qkv_attention_forward", &fastforget::qkv_attention_forward);
   m.impl("qkv_attention_backward", &fastforget::qkv_attention_backward);
+}
+
+// The eager path's ops: autograd in C++ (autograd.h), and the same below autograd.
+TORCH_LIBRARY_IMPL(fastforget_cpu, Autograd, m) {
+  m.impl("unlearn_loss", &fastforget::unlearn_loss_autograd<fastforget::Kernels>);
+  m.impl("masked_patch_embed_autograd", &fastforget::masked_patch_embed_autograd<fastforget::Kernels>);
+  m.impl("qkv_attention", &fastforget::qkv_attention_autograd<fastforget::Kernels>);
+}
+
+TORCH_LIBRARY_IMPL(fastforget_cpu, CPU, m) {
+  m.impl("unlearn_loss", &fastforget::unlearn_loss_plain<fastforget::Kernels>);
+  m.impl("masked_patch_embed_autograd", &fastforget::masked_patch_embed_dense<fastforget::Kernels>);
+  m.impl("qkv_attention", &fastforget::qkv_attention_plain<fastforget::Kernels>);
 }

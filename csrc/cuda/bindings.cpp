@@ -5,6 +5,7 @@
 #include <torch/library.h>
 #include <torch/torch.h>
 
+#include "../common/autograd.h"
 #include "../common/bindings.h"
 #include "patch_embed.h"
 #include "teacher_batch.h"
@@ -75,10 +76,18 @@ at::Tensor masked_patch_embed(const at::Tensor& images, const at::Tensor& weight
   });
 }
 
+struct Kernels {  // for autograd.h
+  static constexpr auto unlearn_loss_forward = &fastforget::unlearn_loss_forward;
+  static constexpr auto unlearn_loss_scale_grad = &fastforget::unlearn_loss_scale_grad;
+  static constexpr auto masked_patch_embed = &fastforget::masked_patch_embed;
+};
+
 }  // namespace
 }  // namespace fastforget
 
 TORCH_LIBRARY(fastforget_cuda, m) {
+  m.def(fastforget::kUnlearnLossSchema);
+  m.def(fastforget::kMaskedPatchEmbedAutogradSchema);
   m.def(fastforget::kUnlearnLossForwardSchema);
   m.def(fastforget::kUnlearnLossScaleGradSchema);
   m.def(fastforget::kTeacherBatchSchema);
@@ -90,4 +99,15 @@ TORCH_LIBRARY_IMPL(fastforget_cuda, CUDA, m) {
   m.impl("make_teacher_batch", &fastforget::make_teacher_batch);
   m.impl("unlearn_loss_forward", &fastforget::unlearn_loss_forward);
   m.impl("unlearn_loss_scale_grad", &fastforget::unlearn_loss_scale_grad);
+}
+
+// The eager path's ops: autograd in C++ (autograd.h), and the same below autograd.
+TORCH_LIBRARY_IMPL(fastforget_cuda, Autograd, m) {
+  m.impl("unlearn_loss", &fastforget::unlearn_loss_autograd<fastforget::Kernels>);
+  m.impl("masked_patch_embed_autograd", &fastforget::masked_patch_embed_autograd<fastforget::Kernels>);
+}
+
+TORCH_LIBRARY_IMPL(fastforget_cuda, CUDA, m) {
+  m.impl("unlearn_loss", &fastforget::unlearn_loss_plain<fastforget::Kernels>);
+  m.impl("masked_patch_embed_autograd", &fastforget::masked_patch_embed_dense<fastforget::Kernels>);
 }

@@ -33,9 +33,9 @@ def measure(batch: int, tokens: int, heads: int, head_dim: int, dtype: torch.dty
         if refused and not isinstance(providers[name], str):
             providers[name] = "; ".join(refused)
     flops = 3 * 4 * batch * tokens * tokens * heads * head_dim
-    rows = harness.run(providers, device, flops / 1e12, reps=reps)
+    timed = harness.run(providers, device, flops / 1e12, reps=reps)
     shape = f"B={batch} T={tokens} H={heads} d={head_dim}"
-    return harness.measured("attention", "qkv_attention forward+backward", shape, dtype, device, rows, "TFLOP/s",
+    return harness.measured("attention", "qkv_attention forward+backward", shape, dtype, device, timed, "TFLOP/s",
                             matmul_tflops(device, dtype), "matmul rate")
 
 

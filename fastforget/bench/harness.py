@@ -11,7 +11,7 @@ from typing import Callable, Optional, Union
 import torch
 
 from ..ops import backends
-from .timing import median_ms
+from .timing import ROUNDS, median_ms, paired_rounds, sync, unsettled_note
 
 Provider = Union[Callable[[], object], str]  # a step to time, or why it is skipped
 
@@ -21,7 +21,8 @@ class Row:
     provider: str
     ms: float = float("nan")
     rate: float = float("nan")  # GB/s or TFLOP/s of the work the op must do
-    vs_eager: float = float("nan")
+    vs_eager: float = float("nan")  # the median of the rounds' paired ratios
+    spread: float = float("nan")  # of those ratios: interquartile range / median
     note: str = ""
 
 
@@ -36,18 +37,27 @@ def backend_providers(device: torch.device, step_for: Callable[[str], Callable[[
     return found
 
 
-def run(providers: dict[str, Provider], device: torch.device, work: float, reps: int = 10) -> list[Row]:
-    """Times each provider (on CUDA the GPU's time alone, the host's dispatch hidden: what the
-    roofline judges); rate = work / time (work in GB or TFLOP); the first timed is eager."""
-    rows, eager_ms = [], None
+def run(providers: dict[str, Provider], device: torch.device, work: float, reps: int = 10) -> tuple[list[Row], str]:
+    """Times each provider in paired rounds against the first (eager): on CUDA the GPU's time
+    alone, the host's dispatch hidden, which is what the roofline judges. rate = work / time (work
+    in GB or TFLOP). Returns the rows and a note, '' unless the rounds did not settle."""
+    runnable = {name: step for name, step in providers.items() if not isinstance(step, str)}
+    for step in runnable.values():  # compiles, allocator pools, caches: before any round
+        for _ in range(3):
+            step()
+    sync(device)
+    per_round = max(2, reps // ROUNDS)
+    result = paired_rounds({name: (lambda step=step: median_ms(step, device, warmup=0, reps=per_round,
+                                                                 min_time_s=0.04, gpu_only=True))
+                            for name, step in runnable.items()}, baseline=next(iter(runnable)))
+    rows = []
     for name, step in providers.items():
         if isinstance(step, str):
             rows.append(Row(name, note=f"skipped: {step}"))
             continue
-        ms = median_ms(step, device, reps=reps, gpu_only=True)
-        eager_ms = eager_ms or ms
-        rows.append(Row(name, ms, work / (ms * 1e-3), eager_ms / ms))
-    return rows
+        p = result[name]
+        rows.append(Row(name, p.ms, work / (p.ms * 1e-3), p.ratio, p.spread))
+    return rows, unsettled_note(result)
 
 
 @dataclass
@@ -62,35 +72,38 @@ class Measured:
     unit: str  # GB/s or TFLOP/s
     ceiling: float
     ceiling_name: str  # copy bandwidth or matmul rate
+    note: str = ""  # the rounds did not settle
 
     def table(self) -> str:
         lines = [f"{self.title}; {self.ceiling_name} {self.ceiling:.1f} {self.unit}, threads {torch.get_num_threads()}",
-                 f"{'provider':<10} {'ms':>9} {self.unit:>8} {'% ceil':>7} {'vs eager':>9}"]
+                 f"{'provider':<10} {'ms':>9} {self.unit:>8} {'% ceil':>7} {'vs eager':>9} {'spread':>7}"]
         for r in self.rows:
             if r.note:
                 lines.append(f"{r.provider:<10} {r.note}")
             else:
                 lines.append(f"{r.provider:<10} {r.ms:9.3f} {r.rate:8.2f} {100 * r.rate / self.ceiling:6.0f}% "
-                             f"{r.vs_eager:8.2f}x")
-        return "\n".join(lines)
+                             f"{r.vs_eager:8.2f}x {100 * r.spread:6.0f}%")
+        return "\n".join(lines + ([self.note] if self.note else []))
 
     def append_csv(self, path: str) -> None:
         new = not os.path.exists(path)
         with open(path, "a") as f:
             if new:
-                f.write("op,provider,shape,dtype,device,ms,rate,unit,ceiling,vs_eager\n")
+                f.write("op,provider,shape,dtype,device,ms,rate,unit,ceiling,vs_eager,spread\n")
             for r in self.rows:
                 if not r.note:
                     f.write(f"{self.op},{r.provider},{self.shape},{self.dtype},{self.device},{r.ms:.4f},{r.rate:.3f},"
-                            f"{self.unit},{self.ceiling:.3f},{r.vs_eager:.3f}\n")
+                            f"{self.unit},{self.ceiling:.3f},{r.vs_eager:.3f},{r.spread:.3f}\n")
 
 
-def measured(op: str, what: str, shape: str, dtype: torch.dtype, device: torch.device, rows: list[Row], unit: str,
-             ceiling: float, ceiling_name: str) -> Measured:
-    """A Measured titled "<what>, <shape> <dtype> on <device>"; the CSV's shape has no spaces."""
+def measured(op: str, what: str, shape: str, dtype: torch.dtype, device: torch.device, timed: tuple[list[Row], str],
+             unit: str, ceiling: float, ceiling_name: str) -> Measured:
+    """A Measured titled "<what>, <shape> <dtype> on <device>" of run()'s rows and note; the CSV's
+    shape has no spaces."""
     name = str(dtype).removeprefix("torch.")
+    rows, note = timed
     return Measured(op, f"{what}, {shape} {name} on {device}", shape.replace(" ", ";"), name, str(device), rows, unit,
-                    ceiling, ceiling_name)
+                    ceiling, ceiling_name, note)
 
 
 def device_of(args) -> torch.device:

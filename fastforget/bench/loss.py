@@ -46,8 +46,8 @@ def measure(shape, dtype: torch.dtype, device: torch.device, reps: int = 10) -> 
              (lambda fn=fn: torch.autograd.grad(fn(*inputs), inputs[0])) for name, fn in providers(device).items()}
     nbytes = bytes_moved(inputs[0])
     copy_gbs = copy_bandwidth_gbs(nbytes // 3, device)
-    rows = harness.run(steps, device, nbytes / 1e9, reps=reps)
-    return harness.measured("loss", "unlearn_loss forward+backward", "x".join(map(str, shape)), dtype, device, rows,
+    timed = harness.run(steps, device, nbytes / 1e9, reps=reps)
+    return harness.measured("loss", "unlearn_loss forward+backward", "x".join(map(str, shape)), dtype, device, timed,
                             "GB/s", copy_gbs, "copy bandwidth")
 
 

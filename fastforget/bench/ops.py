@@ -5,7 +5,8 @@ MAGE ViT-B latents (1 + 64 buffer + 128 kept tokens at mask 0.5, width 768), the
 embeddings, their encoders' attention (and the digits model's: 17 tokens, 4 heads of 16) and
 224x224 / 256x256 teacher batches. `large` is the GPU set; `small` shrinks the
 batches so the CPU finishes in minutes. Each row's rate is the bytes or FLOPs the op must move or
-do over its time, beside the copy bandwidth or matmul rate measured in the same run.
+do over its time, beside the copy bandwidth or matmul rate measured in the same run. Last, each
+op's call overhead at a tiny shape (bench overhead).
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import os
 
 import torch
 
-from . import attention, harness, loss, patch, plot, teacher
+from . import attention, harness, loss, overhead, patch, plot, teacher
 
 MAE_L, MAE_B, MAGE_B = (50, 1024), (50, 768), (193, 768)  # (tokens, width) of the encoders' latents
 
@@ -68,6 +69,8 @@ def draw(csv_path: str) -> str:
     groups: dict[str, dict[str, float]] = {}
     with open(csv_path) as f:
         for r in csv.DictReader(f):
+            if r["unit"] == "call":  # the overhead rows: microseconds, no roofline
+                continue
             label = f"{r['op']} {r['shape'].replace(';', ' ')} {r['dtype']} {r['device']}"
             groups.setdefault(label, {})[r["provider"]] = 100 * float(r["rate"]) / float(r["ceiling"])
     path = os.path.splitext(csv_path)[0] + ".png"
@@ -80,6 +83,9 @@ def main(args) -> int:
     device = harness.device_of(args)
     size = args.size or ("large" if device.type == "cuda" else "small")
     sweep(LARGE if size == "large" else SMALL, device, args.reps, args.csv)
+    calls = overhead.measure(device, args.reps)  # last: what each call costs beyond its kernel
+    print(overhead.table(calls))
     if args.csv:
+        overhead.append_csv(args.csv, calls)
         print(f"wrote {args.csv} and {os.path.splitext(args.csv)[0]}.png")
     return 0

@@ -49,9 +49,9 @@ def measure(batch: int, image: int, patch: int, dim: int, mask_ratio: float, dty
     providers.update(harness.backend_providers(
         device, lambda name: step(lambda *a: masked_patch_embed(*a, backend=name))))
     ceiling = matmul_tflops(device, dtype)
-    rows = harness.run(providers, device, flops(images, params, ids_keep) / 1e12, reps=reps)
+    timed = harness.run(providers, device, flops(images, params, ids_keep) / 1e12, reps=reps)
     shape = f"B={batch} {image}px p={patch} D={dim} mask={mask_ratio}"
-    return harness.measured("patch", "masked_patch_embed forward+backward", shape, dtype, device, rows, "TFLOP/s",
+    return harness.measured("patch", "masked_patch_embed forward+backward", shape, dtype, device, timed, "TFLOP/s",
                             ceiling, "matmul rate")
 
 

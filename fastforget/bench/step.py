@@ -31,7 +31,6 @@ import json
 import multiprocessing
 import os
 import shutil
-import statistics
 import tempfile
 import traceback
 from concurrent.futures import ProcessPoolExecutor
@@ -49,11 +48,11 @@ from ..ops.attention import sdpa_attention
 from ..train.loop import Dist, make_optimizer, optimizer_step, param_groups, step_generator
 from ..train.unlearn import UnlearnConfig, unlearning_step
 from . import harness, plot
-from .timing import matmul_tflops, median_ms, sync
+from .timing import ROUNDS, matmul_tflops, median_ms, paired_rounds, sync, unsettled_note
 
 PROVIDERS = ("reference", "pytorch", "fastforget")
-CSV_COLUMNS = ("provider", "model", "batch", "device", "ms_per_step", "images_per_s", "speedup", "peak_mem_mb",
-               "mfu", "commit", "date")
+CSV_COLUMNS = ("provider", "model", "batch", "device", "ms_per_step", "images_per_s", "speedup", "spread",
+               "peak_mem_mb", "mfu", "commit", "date")
 LR = 1e-4
 
 
@@ -207,9 +206,6 @@ def build(spec: Spec):
     return model, _two_pass_step(spec, model, imgs, is_forget, plain=spec.provider == "pytorch")
 
 
-ROUNDS = 5  # timing rounds; in each, every provider takes its turn
-
-
 def _built(spec: Spec):
     """(step, info): spec's step, built and warmed, with its FLOPs and, on CUDA, its peak memory."""
     device = torch.device(spec.device)
@@ -320,12 +316,14 @@ def _reply(spec: Spec, process, conn):
         raise RuntimeError(f"bench step: provider {spec.name}'s process died (exit code {process.exitcode})") from None
 
 
-def run(specs: list[Spec], timed: Optional[Callable[[list[dict]], None]] = None,
+def run(specs: list[Spec], timed: Optional[Callable[[list[dict], str], None]] = None,
         profile_dir: Optional[str] = None) -> list[dict]:
-    """Each spec built in a fresh spawned process of its own, then timed in ROUNDS rounds where the
-    providers take turns: a machine whose speed wanders during the run (a shared 2-core VM does)
-    slows every provider alike. A provider's time is the median of its rounds' medians. timed(the
-    results) is called as soon as they are in; then, with profile_dir, each provider is profiled
+    """Each spec built in a fresh spawned process of its own, then timed in paired rounds where the
+    providers take turns (timing.paired_rounds): a machine whose speed wanders during the run (a
+    shared 2-core VM does) slows every provider of a round alike, so a provider's speedup is the
+    median of its rounds' ratios to the reference, and more rounds are taken while those spread
+    more than 20%. timed(the results, a note on unsettled rounds or '') is called as soon as they
+    are in; then, with profile_dir, each provider is profiled
     into profile_dir/<name> (after the timing, which the profiler would disturb, and after the
     results are out, so a time limit or a profiler failure cannot cost them)."""
     context = multiprocessing.get_context("spawn")
@@ -344,15 +342,21 @@ def run(specs: list[Spec], timed: Optional[Callable[[list[dict]], None]] = None,
             workers.append((spec, process, conn, info))
             if "error" in info:
                 raise RuntimeError(f"bench step: provider {spec.name} failed to build:\n{info['error']}")
-        rounds = [[] for _ in workers]
-        for _ in range(ROUNDS):
-            for times, (spec, process, conn, _) in zip(rounds, workers):
-                conn.send(spec.min_time_s / ROUNDS)
-                times.append(_reply(spec, process, conn))
-        results = [{"spec": spec, "ms": statistics.median(times), "rounds": times, "peak_mb": cpu_peaks.get(spec),
-                    **info} for times, (spec, _, _, info) in zip(rounds, workers)]
+        def sample(spec, process, conn) -> float:  # one round's turn: its median ms/step
+            conn.send(spec.min_time_s / ROUNDS)
+            return _reply(spec, process, conn)
+
+        names = [spec.name for spec, *_ in workers]
+        paired = paired_rounds({spec.name: (lambda w=(spec, process, conn): sample(*w))
+                                for spec, process, conn, _ in workers},
+                               baseline="reference" if "reference" in names else names[0],
+                               time_cap_s=6 * sum(spec.min_time_s for spec in specs))
+        results = [{"spec": spec, "ms": paired[spec.name].ms, "speedup": paired[spec.name].ratio,
+                    "spread": paired[spec.name].spread, "rounds": paired[spec.name].rounds,
+                    "peak_mb": cpu_peaks.get(spec), **info} for spec, _, _, info in workers]
+        note = unsettled_note(paired)
         if timed:
-            timed(results)
+            timed(results, note)
         if profile_dir:
             os.makedirs(profile_dir, exist_ok=True)
             for spec, process, conn, _ in workers:
@@ -371,27 +375,29 @@ def run(specs: list[Spec], timed: Optional[Callable[[list[dict]], None]] = None,
 
 
 def rows(results: list[dict], matmul_rate: float, commit: str) -> list[dict]:
-    base = next((r["ms"] for r in results if r["spec"].name == "reference"), results[0]["ms"])
     date = datetime.date.today().isoformat()
     out = []
     for r in results:
         s = r["spec"]
         out.append({"provider": s.name, "model": s.model, "batch": s.batch, "device": s.device,
-                    "ms_per_step": r["ms"], "images_per_s": s.batch / (r["ms"] * 1e-3), "speedup": base / r["ms"],
-                    "peak_mem_mb": r["peak_mb"], "mfu": r["flops"] / (r["ms"] * 1e-3) / (matmul_rate * 1e12),
-                    "commit": commit, "date": date, "rounds": r.get("rounds", [r["ms"]])})
+                    "ms_per_step": r["ms"], "images_per_s": s.batch / (r["ms"] * 1e-3), "speedup": r["speedup"],
+                    "spread": r["spread"], "peak_mem_mb": r["peak_mb"],
+                    "mfu": r["flops"] / (r["ms"] * 1e-3) / (matmul_rate * 1e12),
+                    "commit": commit, "date": date, "rounds": r["rounds"]})
     return out
 
 
-def format_table(title: str, table: list[dict]) -> str:
-    """The table; `rounds` is the range of the timing rounds' medians (ms/step): how much the
-    machine wandered while this provider was timed."""
-    lines = [title, f"{'provider':<20} {'ms/step':>9} {'images/s':>9} {'speedup':>8} {'peak MB':>9} {'MFU':>6} "
-                    f"{'rounds':>15}"]
+def format_table(title: str, table: list[dict], note: str = "") -> str:
+    """The table: speedup is the median of the rounds' paired ratios to the reference, spread their
+    interquartile range over it; `rounds` is the range of the rounds' own medians (ms/step), how
+    much the machine wandered while this provider was timed."""
+    lines = [title, f"{'provider':<20} {'ms/step':>9} {'images/s':>9} {'speedup':>8} {'spread':>7} {'peak MB':>9} "
+                    f"{'MFU':>6} {'rounds':>15}"]
     for r in table:
         lines.append(f"{r['provider']:<20} {r['ms_per_step']:9.2f} {r['images_per_s']:9.1f} {r['speedup']:7.2f}x "
-                     f"{r['peak_mem_mb']:9.1f} {100 * r['mfu']:5.1f}% {min(r['rounds']):7.2f}-{max(r['rounds']):.2f}")
-    return "\n".join(lines)
+                     f"{100 * r['spread']:6.0f}% {r['peak_mem_mb']:9.1f} {100 * r['mfu']:5.1f}% "
+                     f"{min(r['rounds']):7.2f}-{max(r['rounds']):.2f}")
+    return "\n".join(lines + ([note] if note else []))
 
 
 def append_csv(path: str, table: list[dict]) -> None:
@@ -428,13 +434,13 @@ def main(args) -> int:
         raise InvalidValue(f"--model: unknown model {args.model!r}; expected one of {sorted(CONFIGS)}")
     specs = [Spec(p, args.model, args.batch_size, args.mask_ratio, device, c, args.reps, args.min_time)
              for c in ([False, True] if args.compile else [False]) for p in providers]
-    def report(results: list[dict]) -> None:
+    def report(results: list[dict], note: str) -> None:
         dev = torch.device(device)
         rate = matmul_tflops(dev, torch.bfloat16 if dev.type == "cuda" else torch.float32)
         table = rows(results, rate, harness.commit())
         print(format_table(f"unlearning step, {args.model}, batch {args.batch_size}, mask {args.mask_ratio} on "
-                           f"{device}; matmul rate {rate:.2f} TFLOP/s, threads {torch.get_num_threads()}", table),
-              flush=True)
+                           f"{device}; matmul rate {rate:.2f} TFLOP/s, threads {torch.get_num_threads()}", table,
+                           note), flush=True)
         if args.csv:
             append_csv(args.csv, table)
             print(f"wrote {args.csv} and {draw(args.csv)}", flush=True)

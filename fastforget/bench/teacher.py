@@ -31,9 +31,9 @@ def measure(batch: int, image: int, dtype: torch.dtype, device: torch.device, re
     retain_fraction = 1 - float(is_forget.float().mean())
     nbytes = images.numel() * images.element_size() * (2 + retain_fraction)
     copy_gbs = copy_bandwidth_gbs(images.numel() * images.element_size(), device)
-    rows = harness.run(providers, device, nbytes / 1e9, reps=reps)
+    timed = harness.run(providers, device, nbytes / 1e9, reps=reps)
     shape = f"B={batch} 3x{image}x{image}"
-    return harness.measured("teacher", "make_teacher_batch (normal noise, half forget)", shape, dtype, device, rows,
+    return harness.measured("teacher", "make_teacher_batch (normal noise, half forget)", shape, dtype, device, timed,
                             "GB/s", copy_gbs, "copy bandwidth")
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -101,3 +102,58 @@ def matmul_tflops(device: torch.device, dtype: torch.dtype, n: int = 0) -> float
     b = torch.randn(n, n, device=device).to(dtype)
     ms = median_ms(lambda: a @ b, device, reps=5, gpu_only=True)
     return 2 * n**3 / (ms * 1e-3) / 1e12
+
+
+# -- paired rounds: ratios that a wandering machine does not move ------------------------------
+
+ROUNDS, MAX_ROUNDS = 5, 15  # timing rounds at least and at most
+SETTLED = 0.20  # a ratio whose rounds spread more than this (interquartile range over median) is unsettled
+
+
+@dataclass
+class Paired:
+    """One provider over paired rounds: in each round every provider is timed back to back, so
+    drift of the machine's speed (a shared VM's wanders by 30% within a minute) cancels in the
+    ratio of two providers of the same round."""
+    ms: float  # the median of its rounds' times
+    ratio: float  # the median over rounds of baseline's time / its time in the same round
+    spread: float  # the interquartile range of those per-round ratios over their median
+    rounds: list[float]  # each round's time
+
+    @property
+    def settled(self) -> bool:
+        return self.spread <= SETTLED
+
+
+def paired_rounds(samples: dict[str, Callable[[], float]], baseline: str, time_cap_s: float = 60.0,
+                  rounds: int = ROUNDS, max_rounds: int = MAX_ROUNDS) -> dict[str, Paired]:
+    """samples: provider -> a function that times it once (ms). Runs `rounds` rounds, then more,
+    up to max_rounds or time_cap_s, while any ratio is unsettled."""
+    times: dict[str, list[float]] = {name: [] for name in samples}
+    start = time.perf_counter()
+    while True:
+        for name, sample in samples.items():
+            times[name].append(sample())
+        result = _paired(times, baseline)
+        done = len(times[baseline]) >= rounds and all(p.settled for p in result.values())
+        if done or len(times[baseline]) >= max_rounds or time.perf_counter() - start > time_cap_s:
+            return result
+
+
+def _paired(times: dict[str, list[float]], baseline: str) -> dict[str, Paired]:
+    out = {}
+    for name, ts in times.items():
+        ratios = [b / t for b, t in zip(times[baseline], ts)]
+        q1, mid, q3 = statistics.quantiles(ratios, n=4, method="inclusive") if len(ratios) > 1 else ratios * 3
+        out[name] = Paired(statistics.median(ts), mid, (q3 - q1) / mid, list(ts))
+    return out
+
+
+def unsettled_note(result: dict[str, Paired]) -> str:
+    """'' when every ratio settled, else a line that says which did not, for the table."""
+    loose = {name: p for name, p in result.items() if not p.settled}
+    if not loose:
+        return ""
+    worst = ", ".join(f"{name} {100 * p.spread:.0f}%" for name, p in loose.items())
+    return (f"unsettled: the rounds' ratios spread more than {100 * SETTLED:.0f}% ({worst}) after "
+            f"{len(next(iter(result.values())).rounds)} rounds: the machine is busy or its speed wanders")

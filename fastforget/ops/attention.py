@@ -19,7 +19,7 @@ from torch.nn import functional as F
 from torch.utils.flop_counter import register_flop_formula
 
 from ..errors import InvalidType, InvalidValue
-from . import backends
+from . import backends, custom
 from .unlearn_loss import FLOAT_DTYPES
 
 # The CPU kernel keeps a pair's tiles in cache: longer sequences are flash attention's work.
@@ -38,7 +38,9 @@ def qkv_attention(qkv: Tensor, num_heads: int, *, backend: Optional[str] = None)
     name = _backend(requested, str(qkv.device), cpu_refusal(qkv, num_heads))
     if name == "torch":
         return sdpa_attention(qkv, num_heads)
-    return torch.ops.fastforget.qkv_attention(qkv, num_heads, name)[0]
+    if custom.traced():
+        return ATTENTION.op(qkv, num_heads, name)[0]
+    return backends.native.ops(name).qkv_attention(qkv, num_heads)  # the cpu kernel, autograd in C++
 
 
 def _check(qkv, num_heads) -> None:
@@ -91,28 +93,23 @@ def sdpa_attention(qkv: Tensor, num_heads: int) -> Tensor:
     return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(batch, tokens, width // 3)
 
 
-@torch.library.custom_op("fastforget::qkv_attention", mutates_args=())
-def _attention_op(qkv: Tensor, num_heads: int, backend: str) -> tuple[Tensor, Tensor]:
+def _forward(qkv: Tensor, num_heads: int, backend: str) -> tuple[Tensor, Tensor]:
     """(out (B, T, D), lse (B, heads, T) float32: each query row's log-sum-exp of its scores)."""
     return backends.native.ops(backend).qkv_attention_forward(qkv.contiguous(), num_heads)
 
 
-@_attention_op.register_fake
-def _(qkv, num_heads, backend):
+def _forward_fake(qkv, num_heads, backend):
     batch, tokens, width = qkv.shape
     return qkv.new_empty((batch, tokens, width // 3)), qkv.new_empty((batch, num_heads, tokens), dtype=torch.float32)
 
 
-@torch.library.custom_op("fastforget::qkv_attention_backward", mutates_args=())
-def _attention_backward_op(grad_out: Tensor, qkv: Tensor, out: Tensor, lse: Tensor, num_heads: int,
-                           backend: str) -> Tensor:
+def _backward_kernel(grad_out: Tensor, qkv: Tensor, out: Tensor, lse: Tensor, num_heads: int, backend: str) -> Tensor:
     """d loss / d qkv, in qkv's layout, from the probabilities recomputed with lse."""
     return backends.native.ops(backend).qkv_attention_backward(
         grad_out.contiguous(), qkv.contiguous(), out, lse, num_heads)
 
 
-@_attention_backward_op.register_fake
-def _(grad_out, qkv, out, lse, num_heads, backend):
+def _backward_fake(grad_out, qkv, out, lse, num_heads, backend):
     return torch.empty_like(qkv, memory_format=torch.contiguous_format)
 
 
@@ -126,10 +123,13 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_out, _grad_lse):
     qkv, out, lse = ctx.saved_tensors
-    return torch.ops.fastforget.qkv_attention_backward(grad_out, qkv, out, lse, ctx.num_heads, ctx.backend), None, None
+    return ATTENTION_BACKWARD.op(grad_out, qkv, out, lse, ctx.num_heads, ctx.backend), None, None
 
 
-_attention_op.register_autograd(_backward, setup_context=_setup_context)
+# Traced only: eager calls take the extension's op (attention's kernels are native only).
+ATTENTION = custom.register("qkv_attention", _forward, _forward_fake, setup_context=_setup_context,
+                            backward=_backward)
+ATTENTION_BACKWARD = custom.register("qkv_attention_backward", _backward_kernel, _backward_fake)
 
 
 # FLOPs for torch's FlopCounterMode (and so for MFU counts): q k^T and p v, 2 T^2 head_dim each per

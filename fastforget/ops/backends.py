@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import functools
 import os
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 
@@ -99,16 +99,39 @@ def requested_backend(backend: str | None, implemented: tuple[str, ...] = BACKEN
     return name if backend is not None or name in implemented else ""
 
 
-def select(op: str, requested: str, device: torch.device, reasons: Callable[[str], list[str]]) -> str:
+def standing_reasons(name: str, device: torch.device) -> list[str]:
+    """Why backend `name` cannot run on `device` whatever the inputs (empty when it can): checked
+    once per process and device type, since an op call must cost microseconds, not a probe."""
+    return _standing_reasons(name, device.type, triton_interpret())
+
+
+@functools.lru_cache(maxsize=None)
+def _standing_reasons(name: str, device_type: str, interpret: bool) -> list[str]:
+    why = unavailable_reason(name)
+    return [why] if why else device_reasons(name, torch.device(device_type))
+
+
+def select(op: str, requested: str, device: torch.device, reasons: Optional[Callable[[str], list[str]]] = None) -> str:
     """The backend that runs `op`: `requested` if given, else the first in AUTO_ORDER that fits.
 
-    reasons(name) lists why backend `name` refuses these inputs (empty when it accepts them).
+    reasons(name) lists why backend `name` refuses these inputs (empty when it accepts them); an op
+    whose backends take any inputs passes None, and its choice is made once per device type.
     """
+    if reasons is None:
+        return _select_for_device(op, requested, device.type, triton_interpret())
+    return _choose(op, requested, device, reasons)
+
+
+@functools.lru_cache(maxsize=None)
+def _select_for_device(op: str, requested: str, device_type: str, interpret: bool) -> str:
+    return _choose(op, requested, torch.device(device_type), lambda name: [])
+
+
+def _choose(op: str, requested: str, device: torch.device, reasons: Callable[[str], list[str]]) -> str:
     names = (requested,) if requested else AUTO_ORDER.get(device.type, ("torch",))
     refused = {}
     for name in names:
-        why = unavailable_reason(name)
-        why = [why] if why else device_reasons(name, device) + reasons(name)
+        why = standing_reasons(name, device) or reasons(name)
         if not why:
             return name
         refused[name] = why

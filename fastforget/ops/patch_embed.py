@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from ..errors import InvalidType, InvalidValue
-from . import backends, reference
+from . import backends, custom, reference
 from .unlearn_loss import FLOAT_DTYPES
 
 
@@ -68,17 +68,26 @@ def masked_patch_embed(
         why = ["images require grad; the fast kernels give no image gradient (the reference does)"]
         backends.select("masked_patch_embed", requested, images.device, lambda n: [] if n == "torch" else why)
         return reference.masked_patch_embed(images, weight, bias, pos_embed, ids_keep, cls_token)
-    return torch.ops.fastforget.masked_patch_embed(images, weight, bias, pos_embed, ids_keep, cls_token, requested)
+    args = (images, weight, bias, pos_embed, ids_keep, cls_token)
+    if custom.traced():
+        return PATCH_EMBED.op(*args, requested)
+    name = backends.select("masked_patch_embed", requested, images.device)
+    if name in backends.native.EXTENSIONS:  # autograd in C++
+        return backends.native.ops(name).masked_patch_embed_autograd(*args)
+    return PATCH_EMBED.eager(*args, name)
 
 
 def _check(images, weight, bias, pos_embed, ids_keep, cls_token) -> None:
-    tensors = dict(images=images, weight=weight, pos_embed=pos_embed, ids_keep=ids_keep)
-    optional = dict(bias=bias, cls_token=cls_token)
-    for name, t in {**tensors, **{k: v for k, v in optional.items() if v is not None}}.items():
-        if not isinstance(t, Tensor):
-            raise InvalidType(f"{name} must be a torch.Tensor{' or None' if name in optional else ''}, got {type(t).__name__}")
-        if t.device != images.device:
-            raise InvalidValue(f"{name} must be on images' device {images.device}, got {t.device}")
+    arguments = (("images", images), ("weight", weight), ("bias", bias), ("pos_embed", pos_embed),
+                 ("ids_keep", ids_keep), ("cls_token", cls_token))
+    for name, t in arguments:
+        if not isinstance(t, Tensor) and not (t is None and name in ("bias", "cls_token")):
+            optional = " or None" if name in ("bias", "cls_token") else ""
+            raise InvalidType(f"{name} must be a torch.Tensor{optional}, got {type(t).__name__}")
+    device = images.device
+    for name, t in arguments[1:]:
+        if t is not None and t.device != device:
+            raise InvalidValue(f"{name} must be on images' device {device}, got {t.device}")
     if images.dim() != 4 or images.dtype not in FLOAT_DTYPES or images.shape[0] == 0:
         raise InvalidValue(f"images must be (B, C, H, W) float32, bfloat16 or float16 with B >= 1, "
                          f"got {tuple(images.shape)} {images.dtype}")
@@ -103,14 +112,15 @@ def _check(images, weight, bias, pos_embed, ids_keep, cls_token) -> None:
             raise InvalidType(f"{name} must have weight's dtype {weight.dtype}, got {t.dtype}")
     if ids_keep.dtype != torch.int64 or ids_keep.dim() != 2 or ids_keep.shape[0] != images.shape[0] or ids_keep.shape[1] < 1:
         raise InvalidValue(f"ids_keep must be int64 (B={images.shape[0]}, K >= 1), got {tuple(ids_keep.shape)} {ids_keep.dtype}")
-    in_range = (ids_keep >= 0) & (ids_keep < length)
     if ids_keep.device.type == "cpu" and not torch.compiler.is_compiling():
-        if not bool(in_range.all()):
+        low, high = (int(v) for v in torch.aminmax(ids_keep))
+        if low < 0 or high >= length:
             raise InvalidValue(f"ids_keep must lie in [0, {length}) (patches per image), got values "
-                             f"from {int(ids_keep.min())} to {int(ids_keep.max())}")
+                               f"from {low} to {high}")
     else:  # checked where the data lives, without a host synchronisation (and traceable); on CUDA a
         # failure is a device-side assert, which leaves the CUDA context unusable, as indexing errors do
-        torch._assert_async(in_range.all(), f"ids_keep must lie in [0, {length}) (patches per image)")
+        torch._assert_async(((ids_keep >= 0) & (ids_keep < length)).all(),
+                            f"ids_keep must lie in [0, {length}) (patches per image)")
 
 
 def _gather_patches(images: Tensor, ids_keep: Tensor, patch: int) -> Tensor:
@@ -133,10 +143,9 @@ def _torch_impl(images, weight, bias, pos_embed, ids_keep, cls_token):
     return x
 
 
-@torch.library.custom_op("fastforget::masked_patch_embed", mutates_args=())
-def _patch_embed_op(images: Tensor, weight: Tensor, bias: Optional[Tensor], pos_embed: Tensor, ids_keep: Tensor,
-                    cls_token: Optional[Tensor], backend: str) -> Tensor:
-    name = backends.select("masked_patch_embed", backend, images.device, lambda n: [])
+def _forward(images: Tensor, weight: Tensor, bias: Optional[Tensor], pos_embed: Tensor, ids_keep: Tensor,
+             cls_token: Optional[Tensor], backend: str) -> Tensor:
+    name = backends.select("masked_patch_embed", backend, images.device)
     if name == "torch":
         return _torch_impl(images, weight, bias, pos_embed, ids_keep, cls_token)
     # The kernels take dense row-major tensors: copies only where the caller's are not.
@@ -149,8 +158,7 @@ def _patch_embed_op(images: Tensor, weight: Tensor, bias: Optional[Tensor], pos_
     return backends.native.ops(name).masked_patch_embed(images, weight, bias, pos_embed, ids_keep, cls_token)
 
 
-@_patch_embed_op.register_fake
-def _(images, weight, bias, pos_embed, ids_keep, cls_token, backend):
+def _forward_fake(images, weight, bias, pos_embed, ids_keep, cls_token, backend):
     tokens = ids_keep.shape[1] + (cls_token is not None)
     return images.new_empty((images.shape[0], tokens, weight.shape[0]), dtype=weight.dtype)
 
@@ -188,4 +196,5 @@ def _backward(ctx, grad):
     return None, d_weight, d_bias, d_pos, None, d_cls, None
 
 
-_patch_embed_op.register_autograd(_backward, setup_context=_setup_context)
+PATCH_EMBED = custom.register("masked_patch_embed", _forward, _forward_fake, setup_context=_setup_context,
+                              backward=_backward)

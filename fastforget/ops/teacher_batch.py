@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from ..errors import InvalidType, InvalidValue
-from . import backends, reference
+from . import backends, custom, reference
 from .unlearn_loss import FLOAT_DTYPES
 
 NOISES = ("normal", "uniform", "constant")
@@ -48,10 +48,9 @@ def make_teacher_batch(
     stream = noise_stream(images.device, generator, first_row * (images.numel() // images.shape[0]))
     flags = is_forget if is_forget.dtype == torch.bool else is_forget != 0
     lo, hi = (float(clamp[0]), float(clamp[1])) if clamp is not None else (None, None)
-    return torch.ops.fastforget.make_teacher_batch(
-        images.detach().contiguous(), flags.contiguous().view(torch.uint8), stream, NOISES.index(noise), lo, hi,
-        backends.requested_backend(backend),
-    )
+    call = TEACHER_BATCH.op if custom.traced() else TEACHER_BATCH.eager  # no autograd: the implementation itself
+    return call(images.detach().contiguous(), flags.contiguous().view(torch.uint8), stream, NOISES.index(noise), lo, hi,
+                backends.requested_backend(backend))
 
 
 def noise_stream(device, generator: Optional[torch.Generator], first_element: int) -> Tensor:
@@ -93,11 +92,10 @@ def _torch_impl(images, is_forget, stream, noise, clamp_lo, clamp_hi):
     return reference.make_teacher_batch(images, is_forget, NOISES[noise], clamp, stream)
 
 
-@torch.library.custom_op("fastforget::make_teacher_batch", mutates_args=())
-def _teacher_batch_op(images: Tensor, is_forget: Tensor, stream: Tensor, noise: int, clamp_lo: Optional[float],
-                      clamp_hi: Optional[float], backend: str) -> Tensor:
+def _forward(images: Tensor, is_forget: Tensor, stream: Tensor, noise: int, clamp_lo: Optional[float],
+             clamp_hi: Optional[float], backend: str) -> Tensor:
     """images (rows, ...) contiguous, is_forget (rows,) uint8, stream (2,) int64 on images' device."""
-    name = backends.select("make_teacher_batch", backend, images.device, lambda n: [])
+    name = backends.select("make_teacher_batch", backend, images.device)
     if name == "torch":
         return _torch_impl(images, is_forget, stream, noise, clamp_lo, clamp_hi)
     if name == "triton":
@@ -107,6 +105,8 @@ def _teacher_batch_op(images: Tensor, is_forget: Tensor, stream: Tensor, noise: 
     return backends.native.ops(name).make_teacher_batch(images, is_forget, stream, noise, clamp_lo, clamp_hi)
 
 
-@_teacher_batch_op.register_fake
-def _(images, is_forget, stream, noise, clamp_lo, clamp_hi, backend):
+def _forward_fake(images, is_forget, stream, noise, clamp_lo, clamp_hi, backend):
     return torch.empty_like(images)
+
+
+TEACHER_BATCH = custom.register("make_teacher_batch", _forward, _forward_fake)

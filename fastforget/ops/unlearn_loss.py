@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from ..errors import InvalidType, InvalidValue
-from . import backends
+from . import backends, custom
 
 NORMALIZE = ("set", "reference")
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -49,20 +49,23 @@ def unlearn_loss(
     the reference code's compute_loss). backend: None (fastest that fits), "torch", "triton",
     "cuda" or "cpu"; FASTFORGET_BACKEND sets the default.
     """
-    _check(student, retain_target, forget_target, is_forget, retain_weight, forget_weight, normalize)
-    retain_weight, forget_weight = _float32(retain_weight), _float32(forget_weight)  # what every kernel uses
+    _check(student, retain_target, forget_target, is_forget, normalize)
+    retain_weight, forget_weight = _weight("retain_weight", retain_weight), _weight("forget_weight", forget_weight)
     batch = student.shape[0]
     if forget_target.dtype != retain_target.dtype:  # the kernels read both targets as one dtype: the wider
         common = torch.promote_types(retain_target.dtype, forget_target.dtype)  # (bf16 with fp16: fp32), exact
         retain_target, forget_target = retain_target.to(common), forget_target.to(common)
     flags = is_forget if is_forget.dtype == torch.bool else is_forget != 0
+    args = (_rows(student, batch), _rows(retain_target.detach(), batch), _rows(forget_target.detach(), batch),
+            flags.contiguous().view(torch.uint8), retain_weight, forget_weight, normalize == "set")
+    requested = backends.requested_backend(backend)
     compute_grad = torch.is_grad_enabled() and student.requires_grad
-    loss, retain_loss, forget_loss, _ = torch.ops.fastforget.unlearn_loss(
-        _rows(student, batch), _rows(retain_target.detach(), batch), _rows(forget_target.detach(), batch),
-        flags.contiguous().view(torch.uint8), float(retain_weight), float(forget_weight),
-        normalize == "set", compute_grad, True, backends.requested_backend(backend),
-    )
-    return UnlearnLossOutput(loss, retain_loss, forget_loss)
+    if custom.traced():
+        return UnlearnLossOutput(*UNLEARN_LOSS.op(*args, compute_grad, True, requested)[:3])
+    name = backends.select("unlearn_loss", requested, student.device)  # every backend takes every input
+    if name in backends.native.EXTENSIONS:  # autograd in C++
+        return UnlearnLossOutput(*backends.native.ops(name).unlearn_loss(*args))
+    return UnlearnLossOutput(*UNLEARN_LOSS.eager(*args, compute_grad, True, name)[:3])
 
 
 def _float32(w: float) -> float:
@@ -74,13 +77,21 @@ def _float32(w: float) -> float:
     return struct.unpack("f", struct.pack("f", w))[0] if abs(w) < 3.5e38 else math.copysign(math.inf, w)
 
 
+def _weight(name: str, w) -> float:
+    """w as every kernel uses it, rounded to float32; it must be finite there."""
+    if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(rounded := _float32(w)):
+        raise InvalidType(f"{name} must be a finite float (in float32's range), got {w!r}")
+    return rounded
+
+
 def _rows(x: Tensor, batch: int) -> Tensor:
     """x as (batch, elements per row) with unit column stride: a view when strides allow."""
-    x = x.reshape(batch, -1)
+    x = x if x.dim() == 2 else x.reshape(batch, -1)
     return x if x.stride(1) == 1 or x.shape[1] == 1 else x.contiguous()
 
 
-def _check(student, retain_target, forget_target, is_forget, retain_weight, forget_weight, normalize) -> None:
+def _check(student, retain_target, forget_target, is_forget, normalize) -> None:
+    """Every argument named, with what it got and what was expected; costs about a microsecond."""
     for name, t in (("student", student), ("retain_target", retain_target), ("forget_target", forget_target),
                     ("is_forget", is_forget)):
         if not isinstance(t, Tensor):
@@ -88,33 +99,26 @@ def _check(student, retain_target, forget_target, is_forget, retain_weight, forg
     for name, t in (("student", student), ("retain_target", retain_target), ("forget_target", forget_target)):
         if t.dtype not in FLOAT_DTYPES:
             raise InvalidType(f"{name} must be float32, bfloat16 or float16, got {t.dtype}")
-    if student.dim() < 2 or student.shape[0] == 0 or student[0].numel() == 0:
+    shape, device = student.shape, student.device
+    if len(shape) < 2 or student.numel() == 0:
         raise InvalidValue(
-            f"student must be (B, ...) with B >= 1 and at least one element per row, got shape {tuple(student.shape)}"
+            f"student must be (B, ...) with B >= 1 and at least one element per row, got shape {tuple(shape)}"
         )
     for name, t in (("retain_target", retain_target), ("forget_target", forget_target)):
-        if t.shape != student.shape:
-            raise InvalidValue(f"{name} must have student's shape {tuple(student.shape)}, got {tuple(t.shape)}")
+        if t.shape != shape:
+            raise InvalidValue(f"{name} must have student's shape {tuple(shape)}, got {tuple(t.shape)}")
     for name, t in (("retain_target", retain_target), ("forget_target", forget_target), ("is_forget", is_forget)):
-        if t.device != student.device:
-            raise InvalidValue(f"{name} must be on student's device {student.device}, got {t.device}")
+        if t.device != device:
+            raise InvalidValue(f"{name} must be on student's device {device}, got {t.device}")
     if is_forget.dtype.is_floating_point or is_forget.dtype.is_complex:
         raise InvalidType(f"is_forget must be bool or 0/1 integers, got {is_forget.dtype}")
-    if is_forget.shape != student.shape[:1]:
-        raise InvalidValue(f"is_forget must have shape ({student.shape[0]},) (one flag per row), got {tuple(is_forget.shape)}")
-    for name, w in (("retain_weight", retain_weight), ("forget_weight", forget_weight)):
-        if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(_float32(w)):
-            raise InvalidType(f"{name} must be a finite float (in float32's range), got {w!r}")
+    if is_forget.shape != shape[:1]:
+        raise InvalidValue(f"is_forget must have shape ({shape[0]},) (one flag per row), got {tuple(is_forget.shape)}")
     if normalize not in NORMALIZE:
         raise InvalidValue(f"normalize must be one of {NORMALIZE}, got {normalize!r}")
 
-
 # ---------------------------------------------------------------------------------------------
 # Backends. Inputs: (rows, cols) tensors with unit column stride; is_forget (rows,) uint8.
-
-
-def _not_supported(name: str, student: Tensor, retain: Tensor) -> list[str]:
-    return []  # every backend takes the three float dtypes, mixed, and any row stride
 
 
 def _torch_forward(student, retain, forget, is_forget, retain_weight, forget_weight, normalize_set, compute_grad):
@@ -172,11 +176,10 @@ def _impl(name: str, torch_fn, triton_fn: str, native_op: str):
 
 
 # ---------------------------------------------------------------------------------------------
-# The custom ops: opaque to torch.compile, with fake kernels and autograd.
+# The custom ops (custom.register): opaque to torch.compile, with fake kernels and autograd.
 
 
-@torch.library.custom_op("fastforget::unlearn_loss", mutates_args=())
-def _unlearn_loss_op(
+def _forward(
     student: Tensor, retain_target: Tensor, forget_target: Tensor, is_forget: Tensor,
     retain_weight: float, forget_weight: float, normalize_set: bool, compute_grad: bool,
     inplace_backward: bool, backend: str,
@@ -187,35 +190,26 @@ def _unlearn_loss_op(
     inplace_backward, eager backward rescales it in place (the caller must not read it); without,
     backward is functional.
     """
-    name = backends.select(
-        "unlearn_loss", backend, student.device, lambda n: _not_supported(n, student, retain_target)
-    )
+    name = backends.select("unlearn_loss", backend, student.device)  # every backend takes every input
     return _impl(name, _torch_forward, "forward", "unlearn_loss_forward")(
         student, retain_target, forget_target, is_forget, retain_weight, forget_weight, normalize_set, compute_grad
     )
 
 
-@_unlearn_loss_op.register_fake
-def _(student, retain_target, forget_target, is_forget, retain_weight, forget_weight, normalize_set, compute_grad,
-      inplace_backward, backend):
+def _forward_fake(student, retain_target, forget_target, is_forget, retain_weight, forget_weight, normalize_set,
+                  compute_grad, inplace_backward, backend):
     scalar = student.new_empty((), dtype=torch.float32)
     grad = student.new_empty(student.shape if compute_grad else (0,))
     return scalar, scalar.clone(), scalar.clone(), grad
 
 
-@torch.library.custom_op("fastforget::unlearn_loss_scale_grad_", mutates_args=("grad",))
-def _scale_grad_op(
+def _scale_grad(
     grad: Tensor, is_forget: Tensor, grad_loss: Optional[Tensor], grad_retain: Optional[Tensor],
     grad_forget: Optional[Tensor], retain_weight: float, forget_weight: float, backend: str,
 ) -> None:
-    name = backends.select("unlearn_loss backward", backend, grad.device, lambda n: [])
+    name = backends.select("unlearn_loss backward", backend, grad.device)
     _impl(name, _torch_scale_grad_, "scale_grad_", "unlearn_loss_scale_grad")(
         grad, is_forget, grad_loss, grad_retain, grad_forget, retain_weight, forget_weight)
-
-
-@_scale_grad_op.register_fake
-def _(grad, is_forget, grad_loss, grad_retain, grad_forget, retain_weight, forget_weight, backend):
-    return None
 
 
 def _setup_context(ctx, inputs, output):
@@ -234,7 +228,8 @@ def _backward(ctx, grad_loss, grad_retain, grad_forget, _grad_of_grad):
         # Eager: rescale the saved gradient in place, skipped on the device when the scale is 1.
         # It is consumed: a second backward through the same graph is refused by autograd's
         # version check ("modified by an inplace operation"); sum the outputs instead.
-        torch.ops.fastforget.unlearn_loss_scale_grad_(grad, is_forget, *grads, ctx.backend)
+        SCALE_GRAD.eager(grad, is_forget, *grads, ctx.backend)
+        torch.autograd.graph.increment_version(grad)  # a Triton kernel's write is invisible to autograd
     else:
         # Traced (torch.compile, export) or asked: a functional multiply. Under torch.compile
         # Inductor fuses it into the consumer of the gradient: no pass of its own either.
@@ -246,4 +241,6 @@ def _as_f32(g: Optional[Tensor]) -> Optional[Tensor]:
     return None if g is None else g.float().contiguous()
 
 
-_unlearn_loss_op.register_autograd(_backward, setup_context=_setup_context)
+UNLEARN_LOSS = custom.register("unlearn_loss", _forward, _forward_fake, setup_context=_setup_context,
+                               backward=_backward)
+SCALE_GRAD = custom.register("unlearn_loss_scale_grad_", _scale_grad, lambda *args: None, mutates_args=("grad",))

@@ -134,7 +134,7 @@ def _save_grid(models, sets, cfg: DemoConfig, per_set: int = 6) -> None:
     from ..eval.pictures import save_grid
 
     images = torch.cat([s.images[:per_set] for s in sets.values()])
-    rows = [("original", images)]
+    rows = [("ground truth", images)]
     for name, model in models.items():
         recon, mask = masked_reconstruction(model, images, cfg.mask_ratio, cfg.seed + 2)
         kept = _kept_pixels(model, images, mask)

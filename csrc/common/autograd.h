@@ -1,0 +1,180 @@
+// Autograd of the native ops in C++: an eager call from Python goes into one dispatcher call that
+// records the graph, and backward runs without Python. (Through a Python autograd.Function the
+// bookkeeping costs ~25 us a call on the host, several times a small kernel.) Included by the
+// bindings files; K is the extension's kernels:
+//   K::unlearn_loss_forward, K::unlearn_loss_scale_grad   (both extensions)
+//   K::masked_patch_embed                                 (both)
+//   K::qkv_attention_forward, K::qkv_attention_backward   (the CPU's only)
+#pragma once
+#include <torch/torch.h>
+
+#include <optional>
+
+namespace fastforget {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+// The schemas the Python eager path calls (the forward kernels' schemas are in bindings.h).
+constexpr const char* kUnlearnLossSchema =
+    "unlearn_loss(Tensor student, Tensor retain_target, Tensor forget_target, Tensor is_forget, "
+    "float retain_weight, float forget_weight, bool normalize_set) -> (Tensor, Tensor, Tensor)";
+constexpr const char* kMaskedPatchEmbedAutogradSchema =
+    "masked_patch_embed_autograd(Tensor images, Tensor weight, Tensor? bias, Tensor pos_embed, Tensor ids_keep, "
+    "Tensor? cls_token) -> Tensor";
+constexpr const char* kAttentionSchema = "qkv_attention(Tensor qkv, int heads) -> Tensor";
+
+inline std::optional<at::Tensor> defined(const at::Tensor& t) {
+  return t.defined() ? std::optional<at::Tensor>(t) : std::nullopt;
+}
+
+// The loss's gradient is written by the forward kernel; backward rescales it in place (skipped on
+// the device when the scale is 1) and hands it on. It is consumed: a second backward through the
+// graph is refused by the saved variable's version check, as the Python path's is.
+template <class K>
+struct UnlearnLossFunction : torch::autograd::Function<UnlearnLossFunction<K>> {
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& student, const at::Tensor& retain,
+                               const at::Tensor& forget, const at::Tensor& is_forget, double retain_weight,
+                               double forget_weight, bool normalize_set, bool compute_grad) {
+    auto [loss, retain_loss, forget_loss, grad] = K::unlearn_loss_forward(
+        student, retain, forget, is_forget, retain_weight, forget_weight, normalize_set, compute_grad);
+    ctx->save_for_backward({grad, is_forget});
+    ctx->saved_data["retain_weight"] = retain_weight;
+    ctx->saved_data["forget_weight"] = forget_weight;
+    ctx->set_materialize_grads(false);  // unused outputs give undefined gradients, not zero tensors
+    return {loss, retain_loss, forget_loss};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    at::Tensor grad = saved[0];
+    K::unlearn_loss_scale_grad(grad, saved[1], defined(grads[0]), defined(grads[1]), defined(grads[2]),
+                               ctx->saved_data["retain_weight"].toDouble(),
+                               ctx->saved_data["forget_weight"].toDouble());
+    torch::autograd::impl::bump_version(grad);  // the kernel wrote through a pointer
+    return {grad, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+};
+
+template <class K>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> unlearn_loss_autograd(
+    const at::Tensor& student, const at::Tensor& retain, const at::Tensor& forget, const at::Tensor& is_forget,
+    double retain_weight, double forget_weight, bool normalize_set) {
+  const bool compute_grad = at::GradMode::is_enabled() && student.requires_grad();  // forward runs without grad
+  auto out = UnlearnLossFunction<K>::apply(student, retain, forget, is_forget, retain_weight, forget_weight,
+                                           normalize_set, compute_grad);
+  return {out[0], out[1], out[2]};
+}
+
+// (B, K, C p p): the kept patches in Conv2d's (c, i, j) order, read from a strided view: the same
+// tensor ops as the Python backward (fastforget/ops/patch_embed.py), so the same numbers.
+inline at::Tensor gather_kept_patches(const at::Tensor& images, const at::Tensor& ids_keep, int64_t patch) {
+  const int64_t batch = images.size(0), height = images.size(2), width = images.size(3), grid_w = width / patch;
+  const at::Tensor cells =
+      images.unflatten(2, {height / patch, patch}).unflatten(4, {grid_w, patch}).permute({0, 2, 4, 1, 3, 5});
+  const at::Tensor rows = at::arange(batch, ids_keep.options()).unsqueeze(1);
+  return cells.index({rows, ids_keep.div(grid_w, "floor"), ids_keep.remainder(grid_w)})
+      .reshape({batch, ids_keep.size(1), -1});
+}
+
+// The kernels take dense row-major tensors: copies only where the caller's are not.
+template <class K>
+at::Tensor masked_patch_embed_dense(const at::Tensor& images, const at::Tensor& weight,
+                                    const std::optional<at::Tensor>& bias, const at::Tensor& pos,
+                                    const at::Tensor& ids_keep, const std::optional<at::Tensor>& cls) {
+  auto dense = [](const std::optional<at::Tensor>& t) { return t ? std::optional(t->contiguous()) : t; };
+  return K::masked_patch_embed(images.contiguous(), weight.contiguous(), dense(bias), pos.contiguous(),
+                               ids_keep.contiguous(), dense(cls));
+}
+
+// The parameters' gradients from the kept patches (images get none): the weight's a GEMM with the
+// re-gathered patches, the positions' a GEMM with the one-hot matrix of the kept ids (no scatter-add
+// atomics: deterministic on every device), float32 sums cast to the parameters' dtype.
+template <class K>
+struct MaskedPatchEmbedFunction : torch::autograd::Function<MaskedPatchEmbedFunction<K>> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& images, const at::Tensor& weight,
+                            const std::optional<at::Tensor>& bias, const at::Tensor& pos, const at::Tensor& ids_keep,
+                            const std::optional<at::Tensor>& cls) {
+    ctx->save_for_backward({images, ids_keep});
+    ctx->saved_data["weight_shape"] = weight.sizes();
+    ctx->saved_data["has_bias"] = bias.has_value();
+    ctx->saved_data["has_cls"] = cls.has_value();
+    ctx->saved_data["length"] = pos.size(1) - 1;
+    return masked_patch_embed_dense<K>(images, weight, bias, pos, ids_keep, cls);
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor &images = saved[0], &ids_keep = saved[1], &grad = grads[0];
+    const auto weight_shape = ctx->saved_data["weight_shape"].toIntVector();
+    const bool has_bias = ctx->saved_data["has_bias"].toBool(), has_cls = ctx->saved_data["has_cls"].toBool();
+    const int64_t length = ctx->saved_data["length"].toInt(), dim = weight_shape[0];
+    const int64_t batch = ids_keep.size(0), keep = ids_keep.size(1);
+    const at::Tensor g = has_cls ? grad.slice(1, 1) : grad;  // (B, K, D): the patch tokens
+    // needs_input_grad counts tensor arguments only: images, weight, [bias], pos, ids_keep, [cls]
+    const int64_t pos_edge = 2 + has_bias, cls_edge = 4 + has_bias;
+    at::Tensor d_weight, d_bias, d_pos, d_cls;
+    if (ctx->needs_input_grad(1)) {
+      const at::Tensor patches = gather_kept_patches(images, ids_keep, weight_shape[3]).to(grad.scalar_type());
+      d_weight = g.reshape({-1, dim}).t().matmul(patches.reshape({batch * keep, -1})).view(weight_shape);
+    }
+    if (ctx->needs_input_grad(2) && has_bias) d_bias = g.to(at::kFloat).sum({0, 1}).to(grad.scalar_type());
+    const at::Tensor cls_sum = has_cls ? grad.select(1, 0).to(at::kFloat).sum(0) : at::Tensor();
+    if (ctx->needs_input_grad(pos_edge)) {
+      const at::Tensor one_hot = at::one_hot(ids_keep.reshape(-1), length).to(grad.scalar_type());
+      const at::Tensor d_patches = one_hot.t().matmul(g.reshape({-1, dim})).to(at::kFloat);
+      const at::Tensor d_cls_pos = has_cls ? cls_sum : at::zeros({dim}, grad.options().dtype(at::kFloat));
+      d_pos = at::cat({d_cls_pos.unsqueeze(0), d_patches}).unsqueeze(0).to(grad.scalar_type());
+    }
+    if (has_cls && ctx->needs_input_grad(cls_edge)) d_cls = cls_sum.view({1, 1, dim}).to(grad.scalar_type());
+    return {at::Tensor(), d_weight, d_bias, d_pos, at::Tensor(), d_cls};
+  }
+};
+
+template <class K>
+at::Tensor masked_patch_embed_autograd(const at::Tensor& images, const at::Tensor& weight,
+                                       const std::optional<at::Tensor>& bias, const at::Tensor& pos,
+                                       const at::Tensor& ids_keep, const std::optional<at::Tensor>& cls) {
+  return MaskedPatchEmbedFunction<K>::apply(images, weight, bias, pos, ids_keep, cls);
+}
+
+// Attention's backward recomputes the probabilities from each row's log-sum-exp.
+template <class K>
+struct AttentionFunction : torch::autograd::Function<AttentionFunction<K>> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& qkv, int64_t heads) {
+    const at::Tensor dense = qkv.contiguous();
+    auto [out, lse] = K::qkv_attention_forward(dense, heads);
+    ctx->save_for_backward({dense, out, lse});
+    ctx->saved_data["heads"] = heads;
+    return out;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    return {K::qkv_attention_backward(grads[0].contiguous(), saved[0], saved[1], saved[2],
+                                      ctx->saved_data["heads"].toInt()),
+            at::Tensor()};
+  }
+};
+
+template <class K>
+at::Tensor qkv_attention_autograd(const at::Tensor& qkv, int64_t heads) {
+  return AttentionFunction<K>::apply(qkv, heads);
+}
+
+// The same ops below autograd (inference mode, where the Autograd kernels are skipped).
+template <class K>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> unlearn_loss_plain(
+    const at::Tensor& student, const at::Tensor& retain, const at::Tensor& forget, const at::Tensor& is_forget,
+    double retain_weight, double forget_weight, bool normalize_set) {
+  auto out = K::unlearn_loss_forward(student, retain, forget, is_forget, retain_weight, forget_weight, normalize_set,
+                                     false);
+  return {std::get<0>(out), std::get<1>(out), std::get<2>(out)};
+}
+
+template <class K>
+at::Tensor qkv_attention_plain(const at::Tensor& qkv, int64_t heads) {
+  return std::get<0>(K::qkv_attention_forward(qkv.contiguous(), heads));
+}
+
+}  // namespace fastforget
