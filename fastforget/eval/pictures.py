@@ -12,7 +12,7 @@ GROUP_GAP = 14  # and between column groups
 INK, MUTED = (0, 0, 0), (90, 90, 90)
 
 
-def _font(size: int):
+def font(size: int):
     from PIL import ImageFont
 
     try:
@@ -42,7 +42,7 @@ def save_grid(path: str, rows: Sequence[tuple[str, Tensor]], groups: Sequence[tu
     count = rows[0][1].shape[0]
     if any(images.shape[0] != count for _, images in rows) or sum(n for _, n in groups) != count:
         raise ValueError(f"every row needs the groups' {sum(n for _, n in groups)} images")
-    label_font, head_font = _font(13), _font(14)
+    label_font, head_font = font(13), font(14)
     probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
     label_w = 12 + max(int(probe.textlength(label, font=label_font)) for label, _ in rows)
     cells = [[_to_pil(img, side) for img in images] for _, images in rows]

@@ -146,15 +146,25 @@ def _grid(models, sets, task, ratio, generated, path, per_set: int = 6) -> None:
 
 
 def _tsne(extractor, sets, generated, task, models, path, per_set: int = 150) -> None:
-    """t-SNE of ground-truth and generated embeddings of both sets, one panel per model, as a PNG."""
+    """t-SNE of ground-truth and generated embeddings of both sets, one panel per model, with a
+    title and a legend, as a PNG."""
     from PIL import Image, ImageDraw
     from sklearn.manifold import TSNE
 
-    colours = {("truth", "retain"): (40, 90, 220), ("truth", "forget"): (220, 60, 40),
-               ("gen", "retain"): (120, 170, 255), ("gen", "forget"): (255, 160, 120)}
-    size, pad = 240, 10
-    canvas = Image.new("RGB", (len(models) * (size + pad) + pad, size + 2 * pad + 16), "white")
+    from .pictures import font
+
+    colours = {("truth", "retain"): (40, 90, 220), ("gen", "retain"): (120, 170, 255),
+               ("truth", "forget"): (220, 60, 40), ("gen", "forget"): (255, 160, 120)}
+    names = {"truth": "ground truth", "gen": "generated"}
+    size, pad, top = 240, 10, 52
+    canvas = Image.new("RGB", (max(len(models) * (size + pad) + pad, 560), top + size + pad + 22), "white")
     draw = ImageDraw.Draw(canvas)
+    draw.text((pad, 6), f"t-SNE of {extractor.name} features, {task}: ground truth and each model's outputs",
+              fill=(0, 0, 0), font=font(14))
+    for i, ((kind, s), colour) in enumerate(colours.items()):  # the legend
+        x = pad + i * 135
+        draw.ellipse([x, 33, x + 8, 41], fill=colour)
+        draw.text((x + 12, 30), f"{s} {names[kind]}", fill=(0, 0, 0), font=font(12))
     for k, name in enumerate(models):
         groups, feats = [], []
         for s in SETS:
@@ -165,8 +175,8 @@ def _tsne(extractor, sets, generated, task, models, path, per_set: int = 150) ->
         xy = TSNE(n_components=2, perplexity=20, init="pca", random_state=0).fit_transform(torch.cat(feats).numpy())
         xy = (xy - xy.min(0)) / (xy.max(0) - xy.min(0) + 1e-9) * (size - 8) + 4
         x0 = pad + k * (size + pad)
-        draw.rectangle([x0, pad, x0 + size, pad + size], outline=(180, 180, 180))
+        draw.rectangle([x0, top, x0 + size, top + size], outline=(180, 180, 180))
         for (px, py), g in zip(xy, groups):
-            draw.ellipse([x0 + px - 2, pad + py - 2, x0 + px + 2, pad + py + 2], fill=colours[g])
-        draw.text((x0 + 4, pad + size + 2), name, fill=(0, 0, 0))
+            draw.ellipse([x0 + px - 2, top + py - 2, x0 + px + 2, top + py + 2], fill=colours[g])
+        draw.text((x0 + 4, top + size + 4), name, fill=(0, 0, 0), font=font(13))
     canvas.save(path)
