@@ -6,6 +6,7 @@ import sys
 
 from torch.distributed.elastic.multiprocessing.errors import get_error_handler, record
 
+from . import families
 from .console import say
 from .errors import InvalidValue, UserError, one_line
 
@@ -90,16 +91,19 @@ def build_parser() -> argparse.ArgumentParser:
     step.add_argument("--profile", default=None, metavar="DIR",
                       help="after timing, profile each provider's steps into DIR (top ops table, Chrome trace)")
 
-    def loop_args(p, out_default, epochs, blr):
+    def loop_args(p, out_default, epochs):
         p.add_argument("--out", default=out_default, help="output directory (checkpoint.pt, metrics.jsonl)")
         p.add_argument("--epochs", type=float, default=epochs)
         p.add_argument("--batch-size", type=int, default=64, help="per rank and micro-batch")
         p.add_argument("--accum-steps", type=int, default=1, help="gradient accumulation")
-        p.add_argument("--blr", type=float, default=blr, help="base lr: lr = blr * global batch / 256")
+        recipe = "default: the model family's, as its reference trains"
+        p.add_argument("--blr", type=float, default=None, help=f"base lr: lr = blr * global batch / 256 ({recipe})")
+        p.add_argument("--lr", type=float, default=None, help=f"absolute lr, instead of --blr ({recipe})")
         p.add_argument("--min-lr", type=float, default=0.0, help="where the cosine schedule ends")
-        p.add_argument("--weight-decay", type=float, default=0.05)
-        p.add_argument("--warmup-fraction", type=float, default=0.05)
-        p.add_argument("--clip-grad", type=float, default=3.0)
+        p.add_argument("--schedule", default=None, choices=["cosine", "constant"], help=recipe)
+        p.add_argument("--weight-decay", type=float, default=None, help=recipe)
+        p.add_argument("--warmup-fraction", type=float, default=None, help=recipe)
+        p.add_argument("--clip-grad", type=float, default=None, help=f"gradient-norm clip, 0: none ({recipe})")
         p.add_argument("--seed", type=int, default=0)
         p.add_argument("--log-every", type=int, default=10)
         p.add_argument("--save-every", type=int, default=0, help="steps between checkpoints (0: at the end)")
@@ -110,11 +114,12 @@ def build_parser() -> argparse.ArgumentParser:
                        help="torch.use_deterministic_algorithms for the run (fastforget's kernels are deterministic)")
         p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
         p.add_argument("--augment", default=None, choices=["none", "crop-flip"],
-                       help="crop-flip: the reference's RandomResizedCrop(0.2-1) and flip, on the GPU "
-                            "(default: crop-flip on image folders, none on the digits)")
+                       help="crop-flip: MAE's reference RandomResizedCrop(0.2-1) and flip, on the GPU (default: "
+                            "the family's on image folders, MAE's crop-flip, Palette's none; none on the digits)")
 
-    unlearn = sub.add_parser("unlearn", help="make a pretrained MAE forget classes (Li et al., ICLR 2024)")
-    unlearn.add_argument("--checkpoint", required=True, help="the original model (load_mae reads it)")
+    unlearn = sub.add_parser("unlearn", help="make a pretrained model forget classes (Li et al., ICLR 2024)")
+    unlearn.add_argument("--checkpoint", required=True,
+                         help="the original model: fastforget's checkpoint or a family's official file")
     unlearn.add_argument("--model", default=None, help="config name when the checkpoint does not record it")
     unlearn.add_argument("--data", default="digits", help="'digits' or an ImageFolder directory")
     unlearn.add_argument("--forget-classes", required=True, help="comma-separated names or indices")
@@ -129,32 +134,39 @@ def build_parser() -> argparse.ArgumentParser:
                          choices=["ours", "max-loss", "noisy-label", "retain-label", "random-encoder"],
                          help="the method (ours) or one of the reference's baselines")
     unlearn.add_argument("--forget-weight", type=float, default=0.2, help="alpha, the forget loss's weight")
-    unlearn.add_argument("--normalize", default="reference", choices=["reference", "set"],
-                         help="loss normalisation (reference: the reference code's, exact under DDP)")
-    unlearn.add_argument("--noise", default="normal", choices=["normal", "uniform", "constant"])
-    unlearn.add_argument("--mask-ratio", type=float, default=0.75)
-    loop_args(unlearn, "unlearned", 10, 1e-4)
-    pretrain = sub.add_parser("pretrain", help="train an MAE from scratch (the demo's original model)")
-    pretrain.add_argument("--model", default="mae_vit_tiny")
+    unlearn.add_argument("--normalize", default=None, choices=["reference", "set", "batch"],
+                         help="loss normalisation (default: the family's reference's: MAE reference, Palette batch)")
+    unlearn.add_argument("--noise", default=None, choices=["normal", "uniform", "constant"],
+                         help="MAE: the forget rows' noise images (default normal)")
+    unlearn.add_argument("--mask-ratio", type=float, default=None, help="MAE: the share of patches removed (0.75)")
+    loop_args(unlearn, "unlearned", 10)
+    pretrain = sub.add_parser("pretrain", help="train a model from scratch (the demo's original models)")
+    pretrain.add_argument("--model", default="mae_vit_tiny", help="a config name of any family")
     pretrain.add_argument("--data", default="digits")
-    pretrain.add_argument("--mask-ratio", type=float, default=0.75)
-    loop_args(pretrain, "pretrained", 80, 1.5e-4)
+    pretrain.add_argument("--mask-ratio", type=float, default=None, help="MAE: the share of patches removed (0.75)")
+    loop_args(pretrain, "pretrained", 80)
     ev = sub.add_parser("eval", help="the paper's metrics for models on the retain and forget sets")
     ev.add_argument("--models", required=True, help="NAME=CHECKPOINT,... (the first is the original model)")
     ev.add_argument("--data", default="digits", help="'digits' (its test split) or an ImageFolder directory")
     ev.add_argument("--forget-classes", required=True)
     ev.add_argument("--retain-classes", required=True)
-    ev.add_argument("--task", default="both", choices=["inpaint", "outpaint", "both"])
+    ev.add_argument("--task", default="all", choices=["inpaint", "outpaint", "all"],
+                    help="all: the models' family's tasks (MAE: both; Palette: inpaint)")
     ev.add_argument("--ratio", type=float, default=0.5, help="side of the centre square, as a fraction")
     ev.add_argument("--features", default="digits", help="digits, encoder or inception:PATH")
+    ev.add_argument("--seeds", type=count, default=1, help="sampler seeds; each metric is their mean")
     ev.add_argument("--out", default="eval-out")
     ev.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
     ev.add_argument("--batch-size", type=int, default=256, help="images per model call")
+    family_names = sorted(families.FAMILIES)
     sweep = sub.add_parser("sweep", help="ours over forget weights on the digits: the retain/forget trade-off curve")
+    sweep.add_argument("--family", default="mae", choices=family_names)
     sweep.add_argument("--forget-weights", default="0.05,0.1,0.2,0.5,1.0")
     sweep.add_argument("--task", default="inpaint", choices=["inpaint", "outpaint"])
-    sweep.add_argument("--out", default="demo-out", help="shares the demo's pretrained model")
+    sweep.add_argument("--out", default=None, help="shares the demo's pretrained model (default demo-out/FAMILY)")
     demo = sub.add_parser("demo", help="pretrain, unlearn digits 0 and 1 two ways, evaluate (make demo)")
+    demo.add_argument("--family", default="all", choices=family_names + ["all"],
+                      help="all: each family in turn, under OUT/<family>")
     demo.add_argument("--out", default="demo-out")
     demo.add_argument("--baselines", action="store_true",
                       help="also train the four baselines and evaluate all seven models with the paper's metrics")
@@ -186,9 +198,9 @@ def run(args: argparse.Namespace) -> int:
         from .train import LoopConfig, PretrainConfig, UnlearnConfig, pretrain as run_pretrain, unlearn as run_unlearn
 
         loop = LoopConfig(out=args.out, epochs=args.epochs, batch_size=args.batch_size, accum_steps=args.accum_steps,
-                          blr=args.blr, min_lr=args.min_lr, weight_decay=args.weight_decay,
-                          warmup_fraction=args.warmup_fraction,
-                          clip_grad=args.clip_grad or None, seed=args.seed, log_every=args.log_every,
+                          blr=args.blr, lr=args.lr, min_lr=args.min_lr, schedule=args.schedule,
+                          weight_decay=args.weight_decay, warmup_fraction=args.warmup_fraction,
+                          clip_grad=args.clip_grad, seed=args.seed, log_every=args.log_every,
                           save_every=args.save_every, stop_after=args.stop_after, resume=args.resume,
                           compile=args.compile, deterministic=args.deterministic)
         if args.command == "pretrain":
@@ -211,10 +223,9 @@ def run(args: argparse.Namespace) -> int:
         pairs = [pair.split("=", 1) for pair in split(args.models)]
         if not pairs or any(len(p) != 2 or not all(p) for p in pairs):
             raise InvalidValue(f"--models must be NAME=CHECKPOINT,... (the first the original model), got {args.models!r}")
-        evaluate_checkpoints(dict(pairs), args.data,
-                             split(args.forget_classes), split(args.retain_classes),
-                             ("inpaint", "outpaint") if args.task == "both" else (args.task,), args.ratio,
-                             args.features, args.out, args.device, args.batch_size)
+        evaluate_checkpoints(dict(pairs), args.data, split(args.forget_classes), split(args.retain_classes),
+                             None if args.task == "all" else (args.task,), args.ratio, args.features, args.out,
+                             args.device, args.batch_size, seeds=tuple(range(args.seeds)))
         return 0
     if args.command == "sweep":
         from .train.sweep import run as run_sweep
@@ -225,12 +236,15 @@ def run(args: argparse.Namespace) -> int:
             weights = []
         if not weights or not all(0 <= w < float("inf") for w in weights):
             raise InvalidValue(f"--forget-weights must be comma-separated numbers >= 0, got {args.forget_weights!r}")
-        run_sweep(args.out, weights, task=args.task)
+        from .train.demo import DemoConfig
+
+        out = args.out or f"demo-out/{args.family}"
+        run_sweep(out, weights, DemoConfig(out=out, family=args.family), task=args.task)
         return 0
     if args.command == "demo":
         from .train.demo import DemoConfig, run as run_demo
 
-        run_demo(DemoConfig(out=args.out, baselines=args.baselines))
+        run_demo(DemoConfig(out=args.out, family=args.family, baselines=args.baselines))
         return 0
     if args.command == "info":
         from .info import report

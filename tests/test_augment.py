@@ -68,7 +68,7 @@ def test_crops_come_from_images_held_larger():
 
 def test_the_trainer_crops_each_step_as_its_generator_says():
     from fastforget.train.loop import Dist
-    from fastforget.train.unlearn import _augmenter
+    from fastforget.train.unlearn import _augmenter  # noqa: F401
 
     augment, images = _augmenter("crop-flip", 16, Dist()), torch.rand(4, 1, 18, 18)
     a, b = (augment(images, torch.Generator().manual_seed(0)) for _ in range(2))

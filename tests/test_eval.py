@@ -7,24 +7,29 @@ import torch
 
 from fastforget.eval.features import Extractor, embed_all, extractor
 from fastforget.eval.run import evaluate
-from fastforget.eval.tasks import complete, removed_patches
+from fastforget.families import get
 from fastforget.models import create_mae
 from fastforget.train.data import ImageSet
 
 
+MAE = get("mae")
+
+
 def test_tasks_remove_the_centre_or_the_border():
     model = create_mae("mae_vit_tiny")  # 8 x 8 patches
-    inpaint = removed_patches(model, "inpaint", 0.5).view(8, 8)
+    inpaint = MAE.removed_patches(model, "inpaint", 0.5).view(8, 8)
     assert inpaint.sum() == 16 and inpaint[2:6, 2:6].all()
-    assert torch.equal(removed_patches(model, "outpaint", 0.5).view(8, 8), ~inpaint)
+    assert torch.equal(MAE.removed_patches(model, "outpaint", 0.5).view(8, 8), ~inpaint)
     with pytest.raises(ValueError, match="task must be one of"):
-        removed_patches(model, "colorize")
+        evaluate({"original": model}, _sets(), _pixels(), ("colorize",))
+    with pytest.raises(ValueError, match=r"ratio \(--ratio\) must be in \(0, 1\)"):
+        evaluate({"original": model}, _sets(), _pixels(), ("inpaint",), ratio=1.5)
 
 
 def test_completion_keeps_the_given_pixels():
     model = create_mae("mae_vit_tiny").eval()
     images = torch.rand(3, 1, 16, 16)
-    out, region = complete(model, images, removed_patches(model, "inpaint"))
+    out, region = MAE.complete(model, images, "inpaint", 0.5, seed=0), MAE.removed_region(model, "inpaint", 0.5)
     assert region.sum() == 64 and torch.equal(out * (1 - region), images * (1 - region))
     assert not torch.equal(out, images)
 

@@ -194,7 +194,7 @@ def test_unlearning_runs_on_the_gpu(original, tmp_path, method):
 def test_task_shaped_pretraining_masks():
     from fastforget.ops import random_masking
     from fastforget.train.loop import Dist
-    from fastforget.train.unlearn import _square_noise
+    from fastforget.families.mae import square_noise as _square_noise
 
     gen = torch.Generator().manual_seed(0)
     for hole, kept in ((True, 48), (False, 16)):

@@ -41,6 +41,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from .. import families
 from ..errors import InvalidValue
 from ..models import CONFIGS, create_mae
 from ..ops import reference
@@ -179,7 +180,7 @@ def _two_pass_step(spec: Spec, model, imgs: Tensor, is_forget: Tensor, plain: bo
 
 def _fastforget_step(spec: Spec, model, imgs: Tensor, is_forget: Tensor):
     d = Dist(device=imgs.device)
-    cfg = UnlearnConfig(checkpoint="", mask_ratio=spec.mask_ratio)
+    cfg = UnlearnConfig(checkpoint="", mask_ratio=spec.mask_ratio).for_family(families.of(model))
     module, loss_fn = unlearning_step(cfg, model, d)
     optimizer = make_optimizer(module, cfg.loop.weight_decay, LR)
     params = [p for p in module.parameters() if p.requires_grad]

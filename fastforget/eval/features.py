@@ -2,7 +2,7 @@
 
 - `digits`: a small CNN classifier trained on the digits' train split, cached: 128-d features,
   logits, and accuracy.
-- `encoder`: the original model's encoder, mean-pooled over its patch tokens.
+- `encoder`: the original model's encoder, pooled (its family's embed: MAE's patch tokens' mean).
 - `inception:PATH`: a TorchScript Inception as clean-fid uses; it must return pool features, or
   (features, logits).
 """
@@ -82,10 +82,11 @@ def extractor(spec: str, original=None, device="cpu") -> Extractor:
         if original is None:
             raise InvalidValue("--features encoder needs the original model")
 
-        def embed(x: Tensor):
-            ids = torch.arange(original.num_patches, device=x.device).expand(x.shape[0], -1)
-            return original.encode(x, ids)[:, 1:].mean(1), None
-        return Extractor("encoder", embed, labels=False, device=next(original.parameters()).device)
+        from .. import families
+
+        family = families.of(original)
+        return Extractor("encoder", lambda x: (family.embed(original, x), None), labels=False,
+                         device=next(original.parameters()).device)
     if spec.startswith("inception:"):
         path = spec.split(":", 1)[1]
         if not os.path.exists(path):

@@ -12,22 +12,41 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from .. import families
 from ..errors import InvalidValue
 from . import metrics
 from .features import Extractor, embed_all
-from .tasks import complete, removed_patches
 
 SETS = ("retain", "forget")
 
 
+TASKS = ("inpaint", "outpaint")
+
+
+def check_tasks(family, tasks, ratio: float) -> None:
+    """The tasks must be ones the family generates for, the ratio a fraction."""
+    for task in tasks:
+        if task not in TASKS:
+            raise InvalidValue(f"task must be one of {TASKS}, got {task!r}")
+        if task not in family.tasks:
+            raise InvalidValue(f"--task {task}: {family.name} models generate for {', '.join(family.tasks)} only")
+    if not 0 < ratio < 1:
+        raise InvalidValue(f"ratio (--ratio) must be in (0, 1), got {ratio!r}")
+
+
 @torch.no_grad()
-def evaluate(models: dict, sets: dict, extractor: Extractor, tasks=("inpaint", "outpaint"), ratio: float = 0.5,
-             out: Optional[str] = None, batch_size: int = 256) -> dict:
+def evaluate(models: dict, sets: dict, extractor: Extractor, tasks=None, ratio: float = 0.5,
+             out: Optional[str] = None, batch_size: int = 256, seeds=(0,)) -> dict:
     """report[task][model][set] = {mse, psnr, fid, is_mean, is_std, cosine, accuracy}; files under out.
-    Each model completes its images batch_size at a time on its own device; the metrics are
+    tasks: the models' family's by default. Each model completes its images batch_size at a time
+    on its own device, once per seed (a sampler's randomness); each metric is the mean over the
+    seeds, with its values per seed under "<metric>_seeds" when there are several. The metrics are
     computed on the CPU."""
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise InvalidValue(f"batch_size (--batch-size) must be an int >= 1, got {batch_size!r}")
+    family = families.of(next(iter(models.values())))
+    tasks = tuple(tasks or family.tasks)
+    check_tasks(family, tasks, ratio)
     report: dict = {}
     truth = {s: embed_all(extractor, sets[s].images) for s in SETS}
     generated: dict = {}
@@ -35,21 +54,14 @@ def evaluate(models: dict, sets: dict, extractor: Extractor, tasks=("inpaint", "
         report[task] = {}
         for name, model in models.items():
             model.eval()
-            removed = removed_patches(model, task, ratio)
             report[task][name] = {}
             for s in SETS:
-                images, labels = sets[s].images, sets[s].labels
-                output, region = _complete_all(model, images, removed, batch_size)
-                generated[(task, name, s)] = output
-                mse = metrics.region_mse(output, images, region)
-                feats, logits = embed_all(extractor, output)
-                row = {"mse": mse, "psnr": metrics.psnr(mse), "fid": metrics.frechet_distance(feats, truth[s][0]),
-                       "cosine": metrics.mean_cosine(feats, truth[s][0])}
-                if logits is not None:
-                    row["is_mean"], row["is_std"] = metrics.inception_score(logits)
-                    if extractor.labels:
-                        row["accuracy"] = float((logits.argmax(1) == labels).float().mean())
-                report[task][name][s] = row
+                runs = []
+                for seed in seeds:
+                    output = _complete_all(model, sets[s].images, task, ratio, seed, batch_size)
+                    generated.setdefault((task, name, s), output)  # the first seed's, for the pictures
+                    runs.append(_scores(output, sets[s], model, task, ratio, extractor, truth[s][0]))
+                report[task][name][s] = _mean_over_seeds(runs)
     if out:
         from ..train.loop import output_dir
 
@@ -61,21 +73,39 @@ def evaluate(models: dict, sets: dict, extractor: Extractor, tasks=("inpaint", "
     return report
 
 
-def _complete_all(model, images: Tensor, removed: Tensor, batch_size: int) -> tuple[Tensor, Tensor]:
-    """complete() over images in batches on the model's device; the results on the CPU."""
+def _scores(output: Tensor, data, model, task: str, ratio: float, extractor: Extractor, truth: Tensor) -> dict:
+    region = families.of(model).removed_region(model, task, ratio)
+    mse = metrics.region_mse(output, data.images, region)
+    feats, logits = embed_all(extractor, output)
+    row = {"mse": mse, "psnr": metrics.psnr(mse), "fid": metrics.frechet_distance(feats, truth),
+           "cosine": metrics.mean_cosine(feats, truth)}
+    if logits is not None:
+        row["is_mean"], row["is_std"] = metrics.inception_score(logits)
+        if extractor.labels:
+            row["accuracy"] = float((logits.argmax(1) == data.labels).float().mean())
+    return row
+
+
+def _mean_over_seeds(runs: list[dict]) -> dict:
+    if len(runs) == 1:
+        return runs[0]
+    row = {k: sum(r[k] for r in runs) / len(runs) for k in runs[0]}
+    row.update({f"{k}_seeds": [r[k] for r in runs] for k in runs[0]})
+    return row
+
+
+def _complete_all(model, images: Tensor, task: str, ratio: float, seed: int, batch_size: int) -> Tensor:
+    """The family's completion of images in batches on the model's device; the results on the CPU."""
+    family = families.of(model)
     device = next(model.parameters()).device
-    outputs, region = [], None
-    for chunk in images.split(batch_size):
-        output, region = complete(model, chunk.to(device), removed)
-        outputs.append(output.cpu())
-    return torch.cat(outputs), region.cpu()
+    return torch.cat([family.complete(model, chunk.to(device), task, ratio, seed + 1_000_003 * k).cpu()
+                      for k, chunk in enumerate(images.split(batch_size))])
 
 
 def evaluate_checkpoints(checkpoints: dict, data: str, forget, retain, tasks, ratio: float, features: str,
-                         out: str, device: Optional[str] = None, batch_size: int = 256) -> dict:
+                         out: str, device: Optional[str] = None, batch_size: int = 256, seeds=(0,)) -> dict:
     """`fastforget eval`: models by checkpoint path (the first is the original), sets by class, on
     device (default: CUDA when present)."""
-    from ..models import load_mae
     from ..train import data as data_lib
     from ..train.loop import resolve_device
     from .features import extractor
@@ -83,10 +113,17 @@ def evaluate_checkpoints(checkpoints: dict, data: str, forget, retain, tasks, ra
     if not checkpoints:
         raise InvalidValue("--models must name at least one NAME=CHECKPOINT")
     device = resolve_device(device)
-    models = {name: load_mae(path).to(device) for name, path in checkpoints.items()}
+    models = {name: families.load(path).to(device) for name, path in checkpoints.items()}
     original = next(iter(models.values()))
-    dataset = data_lib.load(data, original.patch_embed.img_size[0], split="test", what="--data directory")
-    data_lib.check_channels(dataset, original.patch_embed.proj.in_channels, original.config_name)
+    family = families.of(original)
+    mixed = sorted({families.of(m).name for m in models.values()} - {family.name})
+    if mixed:
+        raise InvalidValue(f"--models must all be of one family ({family.name}, the first's), got {mixed} too")
+    tasks = tuple(tasks or family.tasks)
+    check_tasks(family, tasks, ratio)
+    channels, side = family.image_shape(original)
+    dataset = data_lib.load(data, side, split="test", what="--data directory")
+    data_lib.check_channels(dataset, channels, original.config_name)
     sets = {}
     for s, names in (("forget", forget), ("retain", retain)):
         ids = torch.tensor(data_lib.class_indices(dataset, names, s))
@@ -94,7 +131,7 @@ def evaluate_checkpoints(checkpoints: dict, data: str, forget, retain, tasks, ra
         sets[s] = dataclasses.replace(decoded, images=data_lib.unit_float(decoded.images))
         if len(sets[s]) < 10:
             raise InvalidValue(f"the {s} classes {list(names)} have {len(sets[s])} test images; 10 at least")
-    report = evaluate(models, sets, extractor(features, original, device), tasks, ratio, out, batch_size)
+    report = evaluate(models, sets, extractor(features, original, device), tasks, ratio, out, batch_size, seeds)
     print(markdown(report))
     return report
 
@@ -136,8 +173,7 @@ def _grid(models, sets, task, ratio, generated, path, per_set: int = 6) -> None:
 
     truth = torch.cat([sets[s].images[:per_set] for s in ("forget", "retain")])
     first = next(iter(models.values()))
-    region = first.unpatchify(removed_patches(first, task, ratio).float()[None, :, None].expand(
-        1, -1, first.patchify(truth[:1]).shape[-1]))[:, :1]
+    region = families.of(first).removed_region(first, task, ratio)
     rows = [("ground truth", truth), ("input", truth * (1 - region) + 0.5 * region)]
     rows += [(name, torch.cat([generated[(task, name, s)][:per_set] for s in ("forget", "retain")]))
              for name in models]

@@ -244,15 +244,17 @@ def create_mae(name: str, **overrides) -> MaskedAutoencoderViT:
     if name not in CONFIGS:
         raise InvalidValue(f"unknown model {name!r}; expected one of {sorted(CONFIGS)}")
     model = MaskedAutoencoderViT(**{**CONFIGS[name], **overrides})
-    model.config_name = name  # what checkpoints record, so load_mae can rebuild the model
+    model.config_name, model.overrides = name, dict(overrides)  # what checkpoints record, to rebuild it
     return model
 
 
-def load_mae(path: str, name: Optional[str] = None, **overrides) -> MaskedAutoencoderViT:
+def load_mae(path: str, name: Optional[str] = None, *, checkpoint: Optional[dict] = None,
+             **overrides) -> MaskedAutoencoderViT:
     """A model from a checkpoint file: a dict with a "model" state dict (official MAE files, and
-    fastforget's own, which also record the config under "config"). Read with weights_only=True;
-    keys must match exactly, and a missing or unexpected one is reported by name."""
-    checkpoint = load_weights(path, "model file")
+    fastforget's own, which also record the config under "config"). Read with weights_only=True
+    (checkpoint: the file's content, when already read); keys must match exactly, and a missing or
+    unexpected one is reported by name."""
+    checkpoint = load_weights(path, "model file") if checkpoint is None else checkpoint
     if not isinstance(checkpoint, dict) or "model" not in checkpoint:
         raise InvalidValue(f"{path}: expected a dict with a 'model' entry (an MAE checkpoint)")
     config = checkpoint.get("config") or {}

@@ -1,13 +1,16 @@
-"""`fastforget demo` (`make demo`): the main job on the embedded digits, end to end.
+"""`fastforget demo` (`make demo`): the main job on the embedded digits, end to end, per family.
 
-Pretrains mae_vit_tiny on all ten digits (cached in DIR/original), unlearns the forget digits with
-the real retain digits ("ours") and with proxy digits instead ("ours_proxy"), then evaluates the
-models on the test images: reconstruction MSE of the removed patches at mask ratio 0.75, in
-[0, 1] pixel space. Writes DIR/report.json and DIR/reconstructions.png.
+For a family (--family; all of them by default, each under DIR/<family>): pretrains its demo model
+on all ten digits (cached in DIR/<family>/original), unlearns the forget digits {0, 1} with the real
+retain digits {2, 3, 4, 5} ("ours") and with the proxy digits {6, 7, 8, 9} instead
+("ours_proxy"), then evaluates every model on the test images with the paper's metrics on the
+family's tasks (fastforget eval, digits features; sampler-based families averaged over several
+seeds), plus the family's own quick numbers (MAE: removed-patch MSE at random masks). Writes
+report.json, results.md, the CSVs and labelled pictures.
 
 With baselines, the reference's four baselines train too (same data, steps and learning rate as
-ours), and all seven models are evaluated with the paper's metrics on inpainting and outpainting
-(fastforget eval, digits features): the CSVs, report.json's "tasks" and DIR/results.md.
+ours) and join the tables. The settings are each family's DemoSettings, chosen on the training
+images, never on the test split.
 """
 from __future__ import annotations
 
@@ -15,62 +18,68 @@ import json
 import os
 import time
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
-from torch import Tensor
 
-from ..models import load_mae
+from .. import families
+from ..console import say
 from . import data as data_lib
 from .loop import LoopConfig, output_dir
 from .unlearn import PretrainConfig, UnlearnConfig, pretrain, unlearn
 
 FORGET, RETAIN, PROXY = ("0", "1"), ("2", "3", "4", "5"), ("6", "7", "8", "9")
 BASELINES = ("max-loss", "noisy-label", "retain-label", "random-encoder")
+LOOP_FIELDS = ("blr", "lr", "min_lr", "weight_decay", "betas", "schedule", "warmup_fraction", "clip_grad")
 
 
 @dataclass
 class DemoConfig:
     out: str = "demo-out"
-    # Chosen on the training images' losses and reconstructions, never on the test split.
-    pretrain_epochs: float = 80
-    unlearn_epochs: float = 200
-    unlearn_blr: float = 2e-2
-    batch_size: int = 128
-    seed: int = 0
-    mask_ratio: float = 0.75
+    family: str = "mae"
     baselines: bool = False
+    seed: int = 0
+    # None: the family's DemoSettings (tests shorten them)
+    pretrain_epochs: Optional[float] = None
+    unlearn_epochs: Optional[float] = None
+    batch_size: Optional[int] = None
+
+    def settings(self, family: families.Family):
+        s = family.demo
+        return (self.pretrain_epochs or s.pretrain_epochs, self.unlearn_epochs or s.unlearn_epochs,
+                self.batch_size or s.batch_size)
 
 
-@torch.no_grad()
-def masked_reconstruction(model, images: Tensor, mask_ratio: float, seed: int) -> tuple[Tensor, Tensor]:
-    """(reconstruction in [0, 1], mask (B, L)) with masks drawn from seed: the same for every model."""
-    noise = torch.rand(images.shape[0], model.num_patches, generator=torch.Generator().manual_seed(seed))
-    latent, mask, ids_restore = model.forward_encoder(images, mask_ratio, noise)
-    return model.reconstruct(model.forward_decoder(latent, ids_restore)).clamp(0, 1), mask
-
-
-def removed_patch_mse(model, images: Tensor, mask_ratio: float, seed: int) -> float:
-    recon, mask = masked_reconstruction(model, images, mask_ratio, seed)
-    per_patch = ((model.patchify(recon) - model.patchify(images)) ** 2).mean(-1)
-    return float((per_patch * mask).sum() / mask.sum())
-
-
-def _kept_pixels(model, images: Tensor, mask: Tensor) -> Tensor:
-    """1 on the pixels of kept patches, 0 on removed ones, (B, C, H, W)."""
-    return model.unpatchify((1 - mask)[..., None].expand(-1, -1, model.patchify(images).shape[-1]))
+def _split(options: dict) -> tuple[dict, dict]:
+    """A DemoSettings dict as (LoopConfig fields, the run config's own options)."""
+    return ({k: v for k, v in options.items() if k in LOOP_FIELDS},
+            {k: v for k, v in options.items() if k not in LOOP_FIELDS})
 
 
 def ensure_original(cfg: DemoConfig) -> str:
-    """DIR/original/checkpoint.pt: mae_vit_tiny pretrained on all ten digits, made once and reused."""
+    """DIR/original/checkpoint.pt: the family's demo model pretrained on all ten digits, made once
+    and reused."""
+    family = families.get(cfg.family)
     path = os.path.join(cfg.out, "original", "checkpoint.pt")
     if os.path.exists(path):
-        print(f"reusing the pretrained model in {path}")
+        say(f"reusing the pretrained model in {path}")
         return path
-    print(f"pretraining mae_vit_tiny on the digits ({cfg.pretrain_epochs:g} epochs, random and task-shaped masks)")
-    pretrain(PretrainConfig(device="cpu", task_masks=True, loop=LoopConfig(
-        out=os.path.dirname(path), epochs=cfg.pretrain_epochs, batch_size=cfg.batch_size, blr=1.5e-3,
-        seed=cfg.seed, log_every=50)))
+    epochs, _, batch = cfg.settings(family)
+    loop, options = _split(family.demo.pretrain)
+    say(f"pretraining {family.demo.model} on the digits ({epochs:g} epochs)")
+    pretrain(PretrainConfig(model=family.demo.model, device="cpu", **options, loop=LoopConfig(
+        out=os.path.dirname(path), epochs=epochs, batch_size=batch, seed=cfg.seed, log_every=50, **loop)))
     return path
+
+
+def unlearn_digits(cfg: DemoConfig, original: str, out: str, **run) -> None:
+    """One unlearning run of the demo's forget digits with the family's demo settings."""
+    family = families.get(cfg.family)
+    _, epochs, batch = cfg.settings(family)
+    loop, options = _split(family.demo.unlearn)
+    unlearn(UnlearnConfig(checkpoint=original, forget_classes=FORGET, device="cpu", **{**options, **run},
+                          loop=LoopConfig(out=out, epochs=epochs, batch_size=batch, seed=cfg.seed, log_every=50,
+                                          **loop)))
 
 
 def test_sets() -> dict:
@@ -81,66 +90,39 @@ def test_sets() -> dict:
 
 
 def run(cfg: DemoConfig) -> dict:
+    """The demo of one family (cfg.family), or of each under cfg.out/<family> ("all")."""
+    if cfg.family == "all":
+        from dataclasses import replace
+
+        output_dir(cfg.out)
+        return {name: run(replace(cfg, family=name, out=os.path.join(cfg.out, name))) for name in families.FAMILIES}
+    from ..eval.features import extractor
+    from ..eval.run import evaluate, markdown
+
     t0 = time.perf_counter()
+    family = families.get(cfg.family)
     output_dir(cfg.out)
-    original_ckpt = ensure_original(cfg)
+    original = ensure_original(cfg)
     runs = {"ours": dict(retain_classes=RETAIN), "ours_proxy": dict(proxy_classes=PROXY)}
     if cfg.baselines:
         runs.update({m: dict(retain_classes=RETAIN, method=m) for m in BASELINES})
     for name, classes in runs.items():
-        print(f"unlearning digits {', '.join(FORGET)} ({name}, {cfg.unlearn_epochs:g} epochs)")
-        unlearn(UnlearnConfig(checkpoint=original_ckpt, forget_classes=FORGET, device="cpu", **classes,
-                              loop=LoopConfig(out=os.path.join(cfg.out, name), epochs=cfg.unlearn_epochs,
-                                              batch_size=cfg.batch_size, blr=cfg.unlearn_blr, seed=cfg.seed,
-                                              log_every=50)))
+        say(f"unlearning digits {', '.join(FORGET)} ({name}, {cfg.settings(family)[1]:g} epochs)")
+        unlearn_digits(cfg, original, os.path.join(cfg.out, name), **classes)
 
     sets = test_sets()
-    models = {"original": load_mae(original_ckpt)}
-    models.update({name: load_mae(os.path.join(cfg.out, name, "checkpoint.pt")) for name in runs})
-    report = {"forget_classes": list(FORGET), "retain_classes": list(RETAIN), "proxy_classes": list(PROXY),
-              "mask_ratio": cfg.mask_ratio, "models": {}}
-    for name, model in models.items():
-        model.eval()
-        report["models"][name] = {
-            split: {"mse": removed_patch_mse(model, s.images, cfg.mask_ratio, cfg.seed + 1)} for split, s in sets.items()}
-    _save_grid(models, sets, cfg)
-    print(format_report(report))
-    if cfg.baselines:
-        from ..eval.features import extractor
-        from ..eval.run import evaluate, markdown
-
-        report["tasks"] = evaluate(models, sets, extractor("digits"), ("inpaint", "outpaint"), 0.5, cfg.out)
-        print(markdown(report["tasks"]))
+    models = {"original": families.load(original)}
+    models.update({name: families.load(os.path.join(cfg.out, name, "checkpoint.pt")) for name in runs})
+    report = {"family": family.name, "model": family.demo.model, "forget_classes": list(FORGET),
+              "retain_classes": list(RETAIN), "proxy_classes": list(PROXY)}
+    entries, table = family.demo_summary(models, sets, cfg.out, cfg.seed)
+    report.update(entries)
+    if table:
+        say(table)
+    report["tasks"] = evaluate(models, sets, extractor("digits"), family.tasks, 0.5, cfg.out,
+                               seeds=family.demo.eval_seeds)
+    say(markdown(report["tasks"]))
     report["seconds"] = round(time.perf_counter() - t0, 1)
     with open(os.path.join(cfg.out, "report.json"), "w") as f:
         json.dump(report, f, indent=2)
     return report
-
-
-def format_report(report: dict) -> str:
-    base = report["models"]["original"]
-    lines = [f"{'model':<12} {'forget MSE':>11} {'vs original':>12} {'retain MSE':>11} {'vs original':>12}"]
-    for name, m in report["models"].items():
-        f, r = m["forget"]["mse"], m["retain"]["mse"]
-        lines.append(f"{name:<12} {f:11.4f} {f / base['forget']['mse']:11.2f}x {r:11.4f} "
-                     f"{100 * (r / base['retain']['mse'] - 1):+11.1f}%")
-    return "\n".join(lines)
-
-
-def _save_grid(models, sets, cfg: DemoConfig, per_set: int = 6) -> None:
-    """Rows: originals, masked inputs (removed patches grey), then each model's reconstruction of
-    the removed patches pasted into the kept ones, as MAE shows them; forget then retain columns,
-    each row and group named on the image."""
-    from ..eval.pictures import save_grid
-
-    images = torch.cat([s.images[:per_set] for s in sets.values()])
-    rows = [("ground truth", images)]
-    for name, model in models.items():
-        recon, mask = masked_reconstruction(model, images, cfg.mask_ratio, cfg.seed + 2)
-        kept = _kept_pixels(model, images, mask)
-        if len(rows) == 1:
-            rows.append(("masked input", images * kept + 0.5 * (1 - kept)))
-        rows.append((name, images * kept + recon * (1 - kept)))
-    groups = [(f"forget digits {', '.join(FORGET)}", per_set), (f"retain digits {', '.join(RETAIN)}", per_set)]
-    save_grid(os.path.join(cfg.out, "reconstructions.png"), rows, groups,
-              title=f"test digits, {cfg.mask_ratio:.0%} of patches removed (grey); each model fills them in")

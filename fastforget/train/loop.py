@@ -15,16 +15,23 @@ import math
 import os
 import time
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from ..distributed import Dist
 from ..errors import Diverged, InvalidValue
+from ..families.base import Recipe
 from ..ops import backends
 from ..weights import load_weights, with_digest
+
+
+# The optimizer settings a family's recipe supplies (families/base.py Recipe) when left None.
+RECIPE = ("blr", "lr", "weight_decay", "betas", "schedule", "warmup_fraction", "clip_grad")
+SCHEDULES = ("cosine", "constant")
 
 
 @dataclass
@@ -33,11 +40,15 @@ class LoopConfig:
     epochs: float = 1.0
     batch_size: int = 64  # per rank and micro-batch
     accum_steps: int = 1
-    blr: float = 1e-4  # lr = blr * global batch / 256
-    min_lr: float = 0.0
-    weight_decay: float = 0.05
-    warmup_fraction: float = 0.05
-    clip_grad: Optional[float] = 3.0
+    # The recipe: None takes the model family's (with_recipe), the reference's own.
+    blr: Optional[float] = None  # lr = blr * global batch / 256
+    lr: Optional[float] = None  # absolute; overrides blr
+    min_lr: float = 0.0  # where the cosine schedule ends
+    weight_decay: Optional[float] = None  # AdamW's, decoupled; none on biases, norms, embeddings
+    betas: Optional[tuple] = None
+    schedule: Optional[str] = None  # "cosine": warmup, then half a cosine to min_lr; "constant"
+    warmup_fraction: Optional[float] = None
+    clip_grad: Optional[float] = None  # gradient-norm clip; 0: none
     seed: int = 0
     log_every: int = 10
     save_every: int = 0  # steps; 0: at the end only
@@ -56,12 +67,21 @@ class LoopConfig:
         require(self, "save_every", is_count(self.save_every, 0), "an int >= 0 (0: at the end only)")
         require(self, "stop_after", self.stop_after is None or is_count(self.stop_after, 1), "None or an int >= 1")
         require(self, "epochs", is_real(self.epochs) and self.epochs > 0, "a finite number > 0")
-        for name in ("blr", "min_lr", "weight_decay"):
-            require(self, name, is_real(getattr(self, name)) and getattr(self, name) >= 0, "a finite number >= 0")
-        require(self, "warmup_fraction", is_real(self.warmup_fraction) and 0 <= self.warmup_fraction < 1,
-                "a number in [0, 1)")
-        require(self, "clip_grad", self.clip_grad is None or (is_real(self.clip_grad) and self.clip_grad > 0),
-                "None (no clipping) or a finite number > 0")
+        for name in ("blr", "lr", "min_lr", "weight_decay", "clip_grad"):
+            value = getattr(self, name)
+            require(self, name, value is None or (is_real(value) and value >= 0), "a finite number >= 0")
+        require(self, "warmup_fraction", self.warmup_fraction is None or
+                (is_real(self.warmup_fraction) and 0 <= self.warmup_fraction < 1), "a number in [0, 1)")
+        require(self, "betas", self.betas is None or (len(self.betas) == 2 and all(
+            is_real(b) and 0 <= b < 1 for b in self.betas)), "two numbers in [0, 1)")
+        require(self, "schedule", self.schedule is None or self.schedule in SCHEDULES, f"one of {SCHEDULES}")
+
+    def with_recipe(self, recipe) -> "LoopConfig":
+        """This config with its unset optimizer settings taken from recipe (a family's)."""
+        return replace(self, **{name: getattr(recipe, name) for name in RECIPE if getattr(self, name) is None})
+
+    def base_lr(self, global_batch: int) -> float:
+        return self.lr if self.lr is not None else self.blr * global_batch / 256
 
 
 def is_count(value, low: int) -> bool:
@@ -85,17 +105,6 @@ def require(config, name: str, ok: bool, expected: str) -> None:
     """A config's field check: the error names the field and its command-line flag."""
     if not ok:
         raise InvalidValue(f"{name} (--{name.replace('_', '-')}) must be {expected}, got {getattr(config, name)!r}")
-
-
-@dataclass
-class Dist:
-    rank: int = 0
-    world: int = 1
-    device: torch.device = torch.device("cpu")
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
 
 
 def resolve_device(spec: Optional[str]) -> torch.device:
@@ -139,22 +148,28 @@ def param_groups(named_params, weight_decay: float):
     return [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": weight_decay}]
 
 
-def make_optimizer(trainable: nn.Module, weight_decay: float, lr: float) -> torch.optim.Optimizer:
-    """AdamW with MAE's betas and groups, fused: one kernel for all parameters, not a loop of small ones."""
-    return torch.optim.AdamW(param_groups(trainable.named_parameters(), weight_decay), lr=lr, betas=(0.9, 0.95),
+def make_optimizer(trainable: nn.Module, weight_decay: float, lr: float,
+                   betas: tuple[float, float] = (0.9, 0.95)) -> torch.optim.Optimizer:
+    """AdamW with MAE's groups (with weight decay 0 it is Adam), fused: one kernel for all
+    parameters, not a loop of small ones."""
+    return torch.optim.AdamW(param_groups(trainable.named_parameters(), weight_decay), lr=lr, betas=tuple(betas),
                              fused=True)
 
 
 def optimizer_step(optimizer: torch.optim.Optimizer, params: list[Tensor], clip_grad: Optional[float]) -> Tensor:
-    """Clip (the norm is returned either way, on the device), step, clear the gradients."""
+    """Clip (0 or None: not at all; the norm is returned either way, on the device), step, clear the
+    gradients."""
     grad_norm = torch.nn.utils.clip_grad_norm_(params, clip_grad if clip_grad else float("inf"))
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return grad_norm
 
 
-def learning_rate(step: int, total: int, base: float, min_lr: float, warmup: int) -> float:
-    """Linear warmup, then a half-cycle cosine down to min_lr (MAE's schedule, per step)."""
+def learning_rate(step: int, total: int, base: float, min_lr: float, warmup: int, schedule: str = "cosine") -> float:
+    """Linear warmup, then a half-cycle cosine down to min_lr (MAE's schedule, per step), or the
+    base rate throughout (constant)."""
+    if schedule == "constant":
+        return base
     if step < warmup:
         return base * (step + 1) / warmup
     progress = (step - warmup) / max(total - warmup, 1)
@@ -193,6 +208,7 @@ def run(cfg: LoopConfig, d: Dist, model: nn.Module, trainable: nn.Module, steps_
     is what checkpoints keep.
     Returns the last logged metrics.
     """
+    cfg = cfg.with_recipe(Recipe())  # what the caller left unset: the default (MAE's) recipe
     with deterministic_algorithms(cfg.deterministic):
         return _run(cfg, d, model, trainable, steps_per_epoch, batches, loss_fn, checkpoint_extra)
 
@@ -224,7 +240,8 @@ def deterministic_algorithms(on: bool):
 # The loop's settings that fix a run's trajectory (with the global micro-batch and the unlearning or
 # pretraining settings in checkpoint_extra()["settings"]): a run resumed with any of them changed
 # would repeat neither run, so --resume refuses it. How often it logs or saves may change.
-TRAJECTORY = ("epochs", "accum_steps", "blr", "min_lr", "weight_decay", "warmup_fraction", "clip_grad", "seed")
+TRAJECTORY = ("epochs", "accum_steps", "blr", "lr", "min_lr", "weight_decay", "betas", "schedule", "warmup_fraction",
+              "clip_grad", "seed")
 
 
 def run_settings(cfg: LoopConfig, d: Dist, extra: dict) -> dict:
@@ -251,9 +268,9 @@ def _run(cfg, d, model, trainable, steps_per_epoch, batches, loss_fn, checkpoint
     metrics_path = os.path.join(cfg.out, "metrics.jsonl")
     total = max(int(cfg.epochs * steps_per_epoch), 1)
     global_batch = cfg.batch_size * cfg.accum_steps * d.world
-    base_lr = cfg.blr * global_batch / 256
+    base_lr = cfg.base_lr(global_batch)
     warmup = int(cfg.warmup_fraction * total)
-    optimizer = make_optimizer(trainable, cfg.weight_decay, base_lr)
+    optimizer = make_optimizer(trainable, cfg.weight_decay, base_lr, cfg.betas)
     start = 0
     settings = run_settings(cfg, d, checkpoint_extra())
     if cfg.resume and os.path.exists(ckpt_path):
@@ -279,7 +296,7 @@ def _run(cfg, d, model, trainable, steps_per_epoch, batches, loss_fn, checkpoint
     t0 = time.perf_counter()
     end = total if cfg.stop_after is None else min(total, cfg.stop_after)
     for step in range(start, end):
-        lr = learning_rate(step, total, base_lr, cfg.min_lr, warmup)
+        lr = learning_rate(step, total, base_lr, cfg.min_lr, warmup, cfg.schedule)
         for group in optimizer.param_groups:
             group["lr"] = lr
         for micro in range(cfg.accum_steps):

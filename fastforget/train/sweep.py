@@ -10,32 +10,28 @@ from __future__ import annotations
 import json
 import os
 
+from .. import families
+from ..console import say
 from ..eval.features import extractor
 from ..eval.run import evaluate
-from ..models import load_mae
-from .demo import FORGET, RETAIN, DemoConfig, ensure_original, test_sets
-from .loop import LoopConfig
-from .unlearn import UnlearnConfig, unlearn
+from .demo import RETAIN, DemoConfig, ensure_original, test_sets, unlearn_digits
 
 
 def run(out: str, forget_weights, cfg: DemoConfig = None, task: str = "inpaint") -> dict:
     cfg = cfg or DemoConfig(out=out)
     original = ensure_original(cfg)
-    models = {"original": load_mae(original)}
+    models = {"original": families.load(original)}
+    seeds = families.get(cfg.family).demo.eval_seeds
     for alpha in forget_weights:
         name = f"alpha={alpha:g}"
         path = os.path.join(out, f"ours_alpha{alpha:g}")
         if os.path.exists(os.path.join(path, "checkpoint.pt")):
-            print(f"reusing {path}")
-            models[name] = load_mae(os.path.join(path, "checkpoint.pt"))
-            continue
-        print(f"unlearning with forget weight {alpha:g}")
-        unlearn(UnlearnConfig(checkpoint=original, forget_classes=FORGET, retain_classes=RETAIN, forget_weight=alpha,
-                              device="cpu", loop=LoopConfig(out=path, epochs=cfg.unlearn_epochs,
-                                                            batch_size=cfg.batch_size, blr=cfg.unlearn_blr,
-                                                            seed=cfg.seed, log_every=50)))
-        models[name] = load_mae(os.path.join(path, "checkpoint.pt"))
-    report = evaluate(models, test_sets(), extractor("digits"), (task,), 0.5)[task]
+            say(f"reusing {path}")
+        else:
+            say(f"unlearning with forget weight {alpha:g}")
+            unlearn_digits(cfg, original, path, retain_classes=RETAIN, forget_weight=alpha)
+        models[name] = families.load(os.path.join(path, "checkpoint.pt"))
+    report = evaluate(models, test_sets(), extractor("digits"), (task,), 0.5, seeds=seeds)[task]
     base = report["original"]
     points = [{"model": name, "forget_fid_ratio": r["forget"]["fid"] / base["forget"]["fid"],
                "retain_accuracy": r["retain"]["accuracy"], "forget_accuracy": r["forget"]["accuracy"],
@@ -44,8 +40,8 @@ def run(out: str, forget_weights, cfg: DemoConfig = None, task: str = "inpaint")
         json.dump({"task": task, "points": points, "report": report}, f, indent=2)
     draw(points, task, os.path.join(out, f"tradeoff_{task}.png"))
     for p in points:
-        print(f"{p['model']:<12} forget FID x{p['forget_fid_ratio']:.2f}  retain accuracy {p['retain_accuracy']:.3f}"
-              f"  forget accuracy {p['forget_accuracy']:.3f}")
+        say(f"{p['model']:<12} forget FID x{p['forget_fid_ratio']:.2f}  retain accuracy {p['retain_accuracy']:.3f}"
+            f"  forget accuracy {p['forget_accuracy']:.3f}")
     return {"points": points}
 
 
