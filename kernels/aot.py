@@ -46,7 +46,7 @@ def main() -> int:
             compiled = compile_variant(kernel, signature, constexprs, aligned, num_warps)
             switches = ",".join(f"{k}={v if isinstance(v, str) else int(v)}" for k, v in constexprs.items()
                                 if "BLOCK" not in k and k != "STEPS")
-            dtype = signature.get("student_ptr") or signature.get("grad_ptr") or signature.get("weight_ptr") or ""
+            dtype = next((signature[k] for k in ("student_ptr", "s_like_ptr", "g_like_ptr", "grad_ptr", "weight_ptr", "x_ptr") if k in signature), "")
             ptx = compiled.asm["ptx"]
             print(f"{kernel.__name__:<16} {dtype:<6} {switches:<50} {' '.join(memory_ops(ptx) + matrix_ops(ptx))}")
     return 0

@@ -18,13 +18,14 @@ def upcast_dot(dtype: torch.dtype) -> bool:
 
 
 def on_inputs_device(launch):
-    """Runs launch(first, ...) with first's CUDA device current: Triton launches on the current
+    """Runs launch(first, ...) with first's (or its first tensor's) CUDA device current: Triton launches on the current
     device and its stream, not the inputs', so inputs on cuda:1 under a current cuda:0 would run on
     the wrong GPU. On the CPU (the interpreter) it calls launch as it is."""
     @functools.wraps(launch)
     def on_device(first, *args, **kwargs):
-        if first.device.type != "cuda":
+        device = (first[0] if isinstance(first, (list, tuple)) else first).device  # a tensor or a list of them
+        if device.type != "cuda":
             return launch(first, *args, **kwargs)
-        with torch.cuda.device(first.device):
+        with torch.cuda.device(device):
             return launch(first, *args, **kwargs)
     return on_device

@@ -1,9 +1,12 @@
-"""Fused forget/retain embedding-distance loss in Triton.
+"""Fused forget/retain feature-distance loss in Triton, over a table of tensors.
 
-Shapes: student, retain, forget (rows, cols) with unit column stride; is_forget (rows,) uint8;
-grad (rows, cols) contiguous in the student's dtype. The algebra is csrc/common/unlearn_loss.h:
-the forward writes grad = c * norm * 2 (s - t) / cols = d loss / d student, and backward multiplies
-by (grad_loss * w + grad_set) / c, skipped on the device when that is exactly 1.
+Each tensor i of the table: student, retain, forget (rows, cols_i) with unit column stride, grad
+(rows, cols_i) contiguous in the student's dtype; all share is_forget (rows,) uint8, one student
+dtype and one target dtype. The table is an int64 tensor on the device, a row per tensor: its
+pointers, strides, cols and first program (TABLE_* below); programs find their tensor by its
+first program. The algebra is csrc/common/unlearn_loss.h: the forward writes grad = c * norm * 2
+(s - t) / cols = d loss / d student, and backward multiplies by (grad_loss * w + grad_set) / c,
+skipped on the device when that is exactly 1.
 """
 import torch
 import triton
@@ -20,14 +23,20 @@ NUM_WARPS = 8
 INLINE_COUNT_MAX_ROWS = 4096
 COUNT_BLOCK = 1024
 FINALIZE_BLOCK = 1024
+MAX_TENSORS = 32  # table rows at most (a power of two: programs search it as one vector)
+# A table row: student, retain, forget and grad addresses; the three row strides; cols; the
+# tensor's first program.
+WIDTH = 9
 
 
 @triton.jit
-def _set_norm(normalize_set: tl.constexpr, rows_in_set, batch):
-    if normalize_set:
+def _set_norm(NORMALIZE: tl.constexpr, rows_in_set, batch):
+    if NORMALIZE == 0:  # set
         return 1.0 / tl.maximum(rows_in_set, 1).to(tl.float32)
-    else:
+    elif NORMALIZE == 1:  # reference
         return 2.0 / (batch * 1.0)  # not .to(): Triton passes an int argument equal to 1 as a constant
+    else:  # batch
+        return 1.0 / (batch * 1.0)
 
 
 @triton.jit
@@ -45,28 +54,53 @@ def _count_forget(is_forget_ptr, rows, COUNT_BLOCK: tl.constexpr):
 
 
 @triton.jit
+def _entry(table_ptr, count, pid, MAX_TENSORS: tl.constexpr):
+    """The table row (a pointer to its WIDTH = 9 entries) of the tensor program pid works on: the
+    last whose first program is <= pid."""
+    t = tl.arange(0, MAX_TENSORS)
+    first = tl.load(table_ptr + t * 9 + 8, mask=t < count, other=2**62)
+    return table_ptr + (tl.sum((first <= pid).to(tl.int32), axis=0) - 1).to(tl.int64) * 9
+
+
+@triton.jit
 def count_kernel(is_forget_ptr, count_ptr, rows, COUNT_BLOCK: tl.constexpr):
     tl.store(count_ptr, _count_forget(is_forget_ptr, rows, COUNT_BLOCK))
 
 
 @triton.jit
 def forward_kernel(
-    student_ptr, retain_ptr, forget_ptr, is_forget_ptr, grad_ptr, partial_ptr, count_ptr,
-    rows, cols, student_stride, retain_stride, forget_stride, chunks,
+    table_ptr, count, s_like_ptr, t_like_ptr, is_forget_ptr, partial_ptr, count_ptr, rows,
     retain_weight, forget_weight,
-    NORMALIZE_SET: tl.constexpr, WRITE_GRAD: tl.constexpr, INLINE_COUNT: tl.constexpr,
-    BLOCK: tl.constexpr, STEPS: tl.constexpr, COUNT_BLOCK: tl.constexpr,
+    NORMALIZE: tl.constexpr, WRITE_GRAD: tl.constexpr, INLINE_COUNT: tl.constexpr, ALIGNED: tl.constexpr,
+    BLOCK: tl.constexpr, STEPS: tl.constexpr, COUNT_BLOCK: tl.constexpr, MAX_TENSORS: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    row = (pid // chunks).to(tl.int64)
-    begin = (pid % chunks).to(tl.int64) * (BLOCK * STEPS)
+    e = _entry(table_ptr, count, pid, MAX_TENSORS)
+    cols = tl.load(e + 7)
+    s_stride, r_stride, f_stride = tl.load(e + 4), tl.load(e + 5), tl.load(e + 6)
+    s_row = tl.load(e + 0).to(s_like_ptr.dtype, bitcast=True)
+    r_row = tl.load(e + 1).to(t_like_ptr.dtype, bitcast=True)
+    f_row = tl.load(e + 2).to(t_like_ptr.dtype, bitcast=True)
+    g_row = tl.load(e + 3).to(s_like_ptr.dtype, bitcast=True)
+    if ALIGNED:  # 16-byte aligned rows (the launcher checked): 16-byte loads and stores
+        cols = tl.multiple_of(cols, 16)
+        s_stride, r_stride, f_stride = tl.multiple_of(s_stride, 16), tl.multiple_of(r_stride, 16), \
+            tl.multiple_of(f_stride, 16)
+        s_row, r_row, f_row, g_row = tl.multiple_of(s_row, 16), tl.multiple_of(r_row, 16), \
+            tl.multiple_of(f_row, 16), tl.multiple_of(g_row, 16)
+    local = pid - tl.load(e + 8)
+    chunks = (cols + BLOCK * STEPS - 1) // (BLOCK * STEPS)
+    row = local // chunks
+    begin = (local % chunks) * (BLOCK * STEPS)
     flag = tl.load(is_forget_ptr + row)
     forget = flag != 0
     is_retain = flag == 0
-    s_row = student_ptr + row * student_stride
+    # the table's addresses as pointers of the dtypes the *_like arguments carry
+    s_row += row * s_stride
     # Each row reads only its own target: the other target's load is predicated off.
-    r_row = retain_ptr + row * retain_stride
-    f_row = forget_ptr + row * forget_stride
+    r_row += row * r_stride
+    f_row += row * f_stride
+    g_row += row * cols
     coef = 0.0
     if WRITE_GRAD:
         if INLINE_COUNT:
@@ -75,7 +109,7 @@ def forward_kernel(
             n_forget = tl.load(count_ptr)
         n_set = tl.where(forget, n_forget, rows - n_forget)
         w = tl.where(forget, forget_weight, retain_weight)
-        coef = _grad_weight(w) * _set_norm(NORMALIZE_SET, n_set, rows) * 2.0 / (cols * 1.0)
+        coef = _grad_weight(w) * _set_norm(NORMALIZE, n_set, rows) * 2.0 / (cols * 1.0)
     acc = tl.zeros([BLOCK], dtype=tl.float32)
     for step in range(STEPS):
         offs = begin + step * BLOCK + tl.arange(0, BLOCK)
@@ -86,47 +120,65 @@ def forward_kernel(
         d = s - (t_f + t_r)
         acc += d * d
         if WRITE_GRAD:
-            tl.store(grad_ptr + row * cols + offs, (coef * d).to(grad_ptr.dtype.element_ty), mask=m)
+            tl.store(g_row + offs, (coef * d).to(s_like_ptr.dtype.element_ty), mask=m)
     tl.store(partial_ptr + pid, tl.sum(acc, axis=0))
 
 
 @triton.jit
 def finalize_kernel(
-    partial_ptr, is_forget_ptr, loss_ptr, retain_loss_ptr, forget_loss_ptr,
-    rows, cols, chunks, retain_weight, forget_weight,
-    NORMALIZE_SET: tl.constexpr, BLOCK: tl.constexpr,
+    partial_ptr, table_ptr, count, is_forget_ptr, loss_ptr, retain_loss_ptr, forget_loss_ptr,
+    rows, retain_weight, forget_weight,
+    NORMALIZE: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    sum_retain = tl.zeros([BLOCK], dtype=tl.float32)
-    sum_forget = tl.zeros([BLOCK], dtype=tl.float32)
     n_forget = tl.zeros([BLOCK], dtype=tl.int32)
     for start in range(0, rows, BLOCK):
         r = start + tl.arange(0, BLOCK)
-        m = r < rows
-        row_sum = tl.zeros([BLOCK], dtype=tl.float32)
-        for c in range(0, chunks):
-            row_sum += tl.load(partial_ptr + r.to(tl.int64) * chunks + c, mask=m, other=0.0)
-        forget = tl.load(is_forget_ptr + r, mask=m, other=0) != 0
-        sum_forget += tl.where(forget, row_sum, 0.0)
-        sum_retain += tl.where(forget, 0.0, row_sum)
-        n_forget += forget.to(tl.int32)
+        n_forget += (tl.load(is_forget_ptr + r, mask=r < rows, other=0) != 0).to(tl.int32)
     nf = tl.sum(n_forget, axis=0)
-    retain_loss = tl.sum(sum_retain, axis=0) / (cols * 1.0) * _set_norm(NORMALIZE_SET, rows - nf, rows)
-    forget_loss = tl.sum(sum_forget, axis=0) / (cols * 1.0) * _set_norm(NORMALIZE_SET, nf, rows)
-    tl.store(retain_loss_ptr, retain_loss)
-    tl.store(forget_loss_ptr, forget_loss)
-    tl.store(loss_ptr, retain_weight * retain_loss + forget_weight * forget_loss)
+    norm_retain = _set_norm(NORMALIZE, rows - nf, rows)
+    norm_forget = _set_norm(NORMALIZE, nf, rows)
+    total_retain = 0.0
+    total_forget = 0.0
+    for i in range(0, count):  # the tensors in table order, rows in a fixed order: deterministic
+        cols = tl.load(table_ptr + i * 9 + 7)
+        first = tl.load(table_ptr + i * 9 + 8)
+        chunks = (cols + CHUNK - 1) // CHUNK
+        sum_retain = tl.zeros([BLOCK], dtype=tl.float32)
+        sum_forget = tl.zeros([BLOCK], dtype=tl.float32)
+        for start in range(0, rows, BLOCK):
+            r = start + tl.arange(0, BLOCK)
+            m = r < rows
+            row_sum = tl.zeros([BLOCK], dtype=tl.float32)
+            for c in range(0, chunks):
+                row_sum += tl.load(partial_ptr + first + r.to(tl.int64) * chunks + c, mask=m, other=0.0)
+            forget = tl.load(is_forget_ptr + r, mask=m, other=0) != 0
+            sum_forget += tl.where(forget, row_sum, 0.0)
+            sum_retain += tl.where(forget, 0.0, row_sum)
+        total_retain += tl.sum(sum_retain, axis=0) / (cols * 1.0) * norm_retain
+        total_forget += tl.sum(sum_forget, axis=0) / (cols * 1.0) * norm_forget
+    tl.store(retain_loss_ptr, total_retain)
+    tl.store(forget_loss_ptr, total_forget)
+    tl.store(loss_ptr, retain_weight * total_retain + forget_weight * total_forget)
 
 
 @triton.jit
 def scale_kernel(
-    grad_ptr, is_forget_ptr, grad_loss_ptr, grad_retain_ptr, grad_forget_ptr,
-    cols, chunks, retain_weight, forget_weight,
+    table_ptr, count, g_like_ptr, is_forget_ptr, grad_loss_ptr, grad_retain_ptr, grad_forget_ptr,
+    retain_weight, forget_weight,
     HAS_GRAD_LOSS: tl.constexpr, HAS_GRAD_RETAIN: tl.constexpr, HAS_GRAD_FORGET: tl.constexpr,
-    BLOCK: tl.constexpr, STEPS: tl.constexpr,
+    ALIGNED: tl.constexpr, BLOCK: tl.constexpr, STEPS: tl.constexpr, MAX_TENSORS: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    row = (pid // chunks).to(tl.int64)
-    begin = (pid % chunks).to(tl.int64) * (BLOCK * STEPS)
+    e = _entry(table_ptr, count, pid, MAX_TENSORS)
+    cols = tl.load(e + 7)
+    g_row = tl.load(e + 3).to(g_like_ptr.dtype, bitcast=True)
+    if ALIGNED:
+        cols = tl.multiple_of(cols, 16)
+        g_row = tl.multiple_of(g_row, 16)
+    local = pid - tl.load(e + 8)
+    chunks = (cols + BLOCK * STEPS - 1) // (BLOCK * STEPS)
+    row = local // chunks
+    begin = (local % chunks) * (BLOCK * STEPS)
     forget = tl.load(is_forget_ptr + row) != 0
     zero = tl.zeros([], dtype=tl.float32)
     g_loss = tl.load(grad_loss_ptr) if HAS_GRAD_LOSS else zero
@@ -137,94 +189,117 @@ def scale_kernel(
     # A scale of exactly 1 (loss.backward()) gives the row no columns to touch: every access is
     # predicated off, no memory traffic.
     limit = tl.where(scale != 1.0, cols, 0)
+    g_row += row * cols
     for step in range(STEPS):
         offs = begin + step * BLOCK + tl.arange(0, BLOCK)
         m = offs < limit
-        ptr = grad_ptr + row * cols + offs
-        g = tl.load(ptr, mask=m, other=0.0).to(tl.float32)
-        tl.store(ptr, (g * scale).to(grad_ptr.dtype.element_ty), mask=m)
+        g = tl.load(g_row + offs, mask=m, other=0.0).to(tl.float32)
+        tl.store(g_row + offs, (g * scale).to(g_like_ptr.dtype.element_ty), mask=m)
 
 
 def chunks_per_row(cols: int) -> int:
     return triton.cdiv(cols, BLOCK * STEPS)
 
 
+def _aligned(entries) -> bool:
+    """Whether every address of the table is 16-byte aligned and every stride and cols a multiple of
+    16 elements (what Triton's own specialisation of pointer and int arguments looks for)."""
+    return all(a % 16 == 0 for entry, _ in entries for a in entry[:4]) and \
+        all(n % 16 == 0 for entry, _ in entries for n in entry[4:8])
+
+
+def _table(entries, device) -> torch.Tensor:
+    """The table as an int64 tensor on device, each row ending with its first program; copied from
+    pinned memory without a host synchronisation. Returns (table, programs)."""
+    rows, first = [], 0
+    for entry, programs in entries:
+        rows.append(entry + [first])
+        first += programs
+    table = torch.tensor(rows, dtype=torch.int64)
+    if device.type == "cuda":
+        table = table.pin_memory().to(device, non_blocking=True)
+    return table, first
+
+
 @on_inputs_device
-def forward(student, retain, forget, is_forget, retain_weight, forget_weight, normalize_set, compute_grad):
-    """(loss, retain_loss, forget_loss, grad) of (rows, cols) inputs; grad is empty without compute_grad."""
-    rows, cols = student.shape
-    chunks = chunks_per_row(cols)
-    f32 = dict(dtype=torch.float32, device=student.device)
-    grad = torch.empty((rows, cols) if compute_grad else (0,), dtype=student.dtype, device=student.device)
-    partial = torch.empty(rows * chunks, **f32)
-    count = torch.empty(1, dtype=torch.int32, device=student.device)
+def forward(students, retains, forgets, is_forget, retain_weight, forget_weight, normalize, compute_grad):
+    """(loss, retain_loss, forget_loss, grads) of lists of (rows, cols_i) inputs; grads is empty
+    without compute_grad."""
+    device, rows = students[0].device, students[0].shape[0]
+    grads = [torch.empty_like(s, memory_format=torch.contiguous_format) for s in students] if compute_grad else []
+    entries = [([s.data_ptr(), r.data_ptr(), f.data_ptr(), grads[i].data_ptr() if grads else 0, s.stride(0),
+                 r.stride(0), f.stride(0), s.shape[1]], rows * chunks_per_row(s.shape[1]))
+               for i, (s, r, f) in enumerate(zip(students, retains, forgets))]
+    table, programs = _table(entries, device)
+    f32 = dict(dtype=torch.float32, device=device)
+    partial = torch.empty(programs, **f32)
+    count = torch.empty(1, dtype=torch.int32, device=device)
     inline_count = rows <= INLINE_COUNT_MAX_ROWS
     if compute_grad and not inline_count:
         count_kernel[(1,)](is_forget, count, rows, COUNT_BLOCK=COUNT_BLOCK)
-    forward_kernel[(rows * chunks,)](
-        student, retain, forget, is_forget, grad, partial, count,
-        rows, cols, student.stride(0), retain.stride(0), forget.stride(0), chunks,
-        retain_weight, forget_weight,
-        NORMALIZE_SET=normalize_set, WRITE_GRAD=compute_grad, INLINE_COUNT=inline_count,
-        BLOCK=BLOCK, STEPS=STEPS, COUNT_BLOCK=COUNT_BLOCK, num_warps=NUM_WARPS,
+    forward_kernel[(programs,)](
+        table, len(students), students[0], retains[0], is_forget, partial, count, rows, retain_weight, forget_weight,
+        NORMALIZE=normalize, WRITE_GRAD=compute_grad, INLINE_COUNT=inline_count, ALIGNED=_aligned(entries),
+        BLOCK=BLOCK, STEPS=STEPS, COUNT_BLOCK=COUNT_BLOCK, MAX_TENSORS=MAX_TENSORS, num_warps=NUM_WARPS,
     )
     loss, retain_loss, forget_loss = (torch.empty((), **f32) for _ in range(3))
     finalize_kernel[(1,)](
-        partial, is_forget, loss, retain_loss, forget_loss, rows, cols, chunks, retain_weight, forget_weight,
-        NORMALIZE_SET=normalize_set, BLOCK=FINALIZE_BLOCK, num_warps=4,
+        partial, table, len(students), is_forget, loss, retain_loss, forget_loss, rows, retain_weight,
+        forget_weight, NORMALIZE=normalize, CHUNK=BLOCK * STEPS, BLOCK=FINALIZE_BLOCK, num_warps=4,
     )
-    return loss, retain_loss, forget_loss, grad
+    return loss, retain_loss, forget_loss, grads
 
 
 @on_inputs_device
-def scale_grad_(grad, is_forget, grad_loss, grad_retain, grad_forget, retain_weight, forget_weight):
-    """grad (rows, cols) *= each row's backward scale, in place; None grads count as 0."""
-    rows, cols = grad.shape
-    chunks = chunks_per_row(cols)
-    scale_kernel[(rows * chunks,)](
-        grad, is_forget, grad_loss if grad_loss is not None else grad,
-        grad_retain if grad_retain is not None else grad, grad_forget if grad_forget is not None else grad,
-        cols, chunks, retain_weight, forget_weight,
+def scale_grad_(grads, is_forget, grad_loss, grad_retain, grad_forget, retain_weight, forget_weight):
+    """grads[i] (rows, cols_i) *= each row's backward scale, in place; None grads count as 0."""
+    if not grads:
+        return
+    rows = grads[0].shape[0]
+    entries = [([0, 0, 0, g.data_ptr(), 0, 0, 0, g.shape[1]], rows * chunks_per_row(g.shape[1])) for g in grads]
+    table, programs = _table(entries, grads[0].device)
+    g0 = grads[0]
+    scale_kernel[(programs,)](
+        table, len(grads), g0, is_forget, grad_loss if grad_loss is not None else g0,
+        grad_retain if grad_retain is not None else g0, grad_forget if grad_forget is not None else g0,
+        retain_weight, forget_weight,
         HAS_GRAD_LOSS=grad_loss is not None, HAS_GRAD_RETAIN=grad_retain is not None,
-        HAS_GRAD_FORGET=grad_forget is not None, BLOCK=BLOCK, STEPS=STEPS, num_warps=NUM_WARPS,
+        HAS_GRAD_FORGET=grad_forget is not None, ALIGNED=_aligned(entries), BLOCK=BLOCK, STEPS=STEPS,
+        MAX_TENSORS=MAX_TENSORS, num_warps=NUM_WARPS,
     )
 
 
 def aot_variants():
     """(kernel, signature, constexprs, aligned int args, num_warps) of every variant the launchers
     can produce, for ahead-of-time compilation checks (kernels/aot.py)."""
-    ints = dict(rows="i32", cols="i32", student_stride="i32", retain_stride="i32", forget_stride="i32", chunks="i32")
     floats = dict(retain_weight="fp32", forget_weight="fp32")
     for s_ty, t_ty in (("fp32", "fp32"), ("bf16", "bf16"), ("fp16", "fp16"), ("bf16", "fp32")):
-        ptrs = dict(student_ptr=f"*{s_ty}", retain_ptr=f"*{t_ty}", forget_ptr=f"*{t_ty}", is_forget_ptr="*u8",
-                    grad_ptr=f"*{s_ty}", partial_ptr="*fp32", count_ptr="*i32")
-        for normalize_set in (True, False):
+        ptrs = dict(table_ptr="*i64", count="i32", s_like_ptr=f"*{s_ty}", t_like_ptr=f"*{t_ty}", is_forget_ptr="*u8",
+                    partial_ptr="*fp32", count_ptr="*i32", rows="i32")
+        for normalize in (0, 1, 2):
             for write_grad, inline_count in ((True, True), (True, False), (False, True)):
-                yield forward_kernel, {**ptrs, **ints, **floats}, dict(
-                    NORMALIZE_SET=normalize_set, WRITE_GRAD=write_grad, INLINE_COUNT=inline_count,
-                    BLOCK=BLOCK, STEPS=STEPS, COUNT_BLOCK=COUNT_BLOCK), ("cols", "student_stride"), NUM_WARPS
+                for aligned in (True, False):
+                    yield forward_kernel, {**ptrs, **floats}, dict(
+                        NORMALIZE=normalize, WRITE_GRAD=write_grad, INLINE_COUNT=inline_count, ALIGNED=aligned,
+                        BLOCK=BLOCK, STEPS=STEPS, COUNT_BLOCK=COUNT_BLOCK, MAX_TENSORS=MAX_TENSORS), (), NUM_WARPS
         for has in ((True, True, True), (True, False, False)):
-            yield scale_kernel, dict(grad_ptr=f"*{s_ty}", is_forget_ptr="*u8", grad_loss_ptr="*fp32",
-                                     grad_retain_ptr="*fp32", grad_forget_ptr="*fp32", cols="i32", chunks="i32",
+            yield scale_kernel, dict(table_ptr="*i64", count="i32", g_like_ptr=f"*{s_ty}", is_forget_ptr="*u8",
+                                     grad_loss_ptr="*fp32", grad_retain_ptr="*fp32", grad_forget_ptr="*fp32",
                                      **floats), dict(
-                HAS_GRAD_LOSS=has[0], HAS_GRAD_RETAIN=has[1], HAS_GRAD_FORGET=has[2], BLOCK=BLOCK,
-                STEPS=STEPS), ("cols",), NUM_WARPS
-    for normalize_set in (True, False):
-        yield finalize_kernel, dict(partial_ptr="*fp32", is_forget_ptr="*u8", loss_ptr="*fp32",
-                                    retain_loss_ptr="*fp32", forget_loss_ptr="*fp32", rows="i32", cols="i32",
-                                    chunks="i32", **floats), dict(
-            NORMALIZE_SET=normalize_set, BLOCK=FINALIZE_BLOCK), (), 4
-    # Triton passes an int argument equal to 1 as a constant (batch 1, one element per row).
-    ptrs = dict(student_ptr="*fp32", retain_ptr="*fp32", forget_ptr="*fp32", is_forget_ptr="*u8", grad_ptr="*fp32",
-                partial_ptr="*fp32", count_ptr="*i32")
-    for one in ("rows", "cols"):
-        others = {k: v for k, v in ints.items() if k != one}
-        for normalize_set in (True, False):
-            yield forward_kernel, {**ptrs, **others, **floats}, {one: 1, **dict(
-                NORMALIZE_SET=normalize_set, WRITE_GRAD=True, INLINE_COUNT=True, BLOCK=BLOCK, STEPS=STEPS,
-                COUNT_BLOCK=COUNT_BLOCK)}, (), NUM_WARPS
-            yield finalize_kernel, {**dict(partial_ptr="*fp32", is_forget_ptr="*u8", loss_ptr="*fp32",
-                                           retain_loss_ptr="*fp32", forget_loss_ptr="*fp32", chunks="i32"),
-                                    **{k: "i32" for k in ("rows", "cols") if k != one}, **floats}, {
-                one: 1, "NORMALIZE_SET": normalize_set, "BLOCK": FINALIZE_BLOCK}, (), 4
+                HAS_GRAD_LOSS=has[0], HAS_GRAD_RETAIN=has[1], HAS_GRAD_FORGET=has[2], ALIGNED=True, BLOCK=BLOCK,
+                STEPS=STEPS, MAX_TENSORS=MAX_TENSORS), (), NUM_WARPS
+    finalize = dict(partial_ptr="*fp32", table_ptr="*i64", count="i32", is_forget_ptr="*u8", loss_ptr="*fp32",
+                    retain_loss_ptr="*fp32", forget_loss_ptr="*fp32", rows="i32", **floats)
+    for normalize in (0, 1, 2):
+        yield finalize_kernel, finalize, dict(NORMALIZE=normalize, CHUNK=BLOCK * STEPS, BLOCK=FINALIZE_BLOCK), (), 4
+        # Triton passes an int argument equal to 1 as a constant (batch 1, one tensor).
+        for one in ("rows", "count"):
+            yield finalize_kernel, {k: v for k, v in finalize.items() if k != one}, {
+                one: 1, "NORMALIZE": normalize, "CHUNK": BLOCK * STEPS, "BLOCK": FINALIZE_BLOCK}, (), 4
+            yield forward_kernel, {k: v for k, v in dict(
+                table_ptr="*i64", count="i32", s_like_ptr="*fp32", t_like_ptr="*fp32", is_forget_ptr="*u8",
+                partial_ptr="*fp32", count_ptr="*i32", rows="i32", **floats).items() if k != one}, {
+                one: 1, "NORMALIZE": normalize, "WRITE_GRAD": True, "INLINE_COUNT": True, "ALIGNED": False,
+                "BLOCK": BLOCK,
+                "STEPS": STEPS, "COUNT_BLOCK": COUNT_BLOCK, "MAX_TENSORS": MAX_TENSORS}, (), NUM_WARPS
     yield count_kernel, dict(is_forget_ptr="*u8", count_ptr="*i32", rows="i32"), dict(COUNT_BLOCK=COUNT_BLOCK), (), 4

@@ -191,13 +191,15 @@ def test_cpu_backend_is_bitwise_deterministic():
 @pytest.mark.parametrize("backend,device", BACKENDS)
 def test_opcheck(backend, device):
     s, r, f, m = make((4, 12), "random", device)
+    s2, r2, f2, _ = make((4, 5), "random", device)
     m = m.to(torch.uint8)
-    torch.library.opcheck(torch.ops.fastforget.unlearn_loss.default,
-                          (s, r, f, m, 0.5, 0.2, True, True, False, backend))
-    grad = torch.randn(4, 12, device=device)
+    for normalize in (0, 1, 2):
+        torch.library.opcheck(torch.ops.fastforget.unlearn_loss.default,
+                              ([s, s2], [r, r2], [f, f2], m, 0.5, 0.2, normalize, True, False, backend))
+    grads = [torch.randn(4, 12, device=device), torch.randn(4, 5, device=device)]
     gl, gr = torch.tensor(2.0, device=device), torch.tensor(0.5, device=device)
     torch.library.opcheck(torch.ops.fastforget.unlearn_loss_scale_grad_.default,
-                          (grad, m, gl, gr, None, 0.5, 0.2, backend))
+                          (grads, m, gl, gr, None, 0.5, 0.2, backend))
 
 
 @pytest.mark.parametrize("backend,device", [p for p in BACKENDS if p.values[0] != "triton"])

@@ -17,8 +17,8 @@ using torch::autograd::variable_list;
 
 // The schemas the Python eager path calls (the forward kernels' schemas are in bindings.h).
 constexpr const char* kUnlearnLossSchema =
-    "unlearn_loss(Tensor student, Tensor retain_target, Tensor forget_target, Tensor is_forget, "
-    "float retain_weight, float forget_weight, bool normalize_set) -> (Tensor, Tensor, Tensor)";
+    "unlearn_loss(Tensor[] students, Tensor[] retain_targets, Tensor[] forget_targets, Tensor is_forget, "
+    "float retain_weight, float forget_weight, int normalize) -> (Tensor, Tensor, Tensor)";
 constexpr const char* kMaskedPatchEmbedAutogradSchema =
     "masked_patch_embed_autograd(Tensor images, Tensor weight, Tensor? bias, Tensor pos_embed, Tensor ids_keep, "
     "Tensor? cls_token) -> Tensor";
@@ -28,41 +28,50 @@ inline std::optional<at::Tensor> defined(const at::Tensor& t) {
   return t.defined() ? std::optional<at::Tensor>(t) : std::nullopt;
 }
 
-// The loss's gradient is written by the forward kernel; backward rescales it in place (skipped on
-// the device when the scale is 1) and hands it on. It is consumed: a second backward through the
-// graph is refused by the saved variable's version check, as the Python path's is.
+// The loss's gradients are written by the forward kernel; backward rescales them in place
+// (skipped on the device when the scale is 1) and hands them on. They are consumed: a second
+// backward through the graph is refused by the saved variables' version check, as the Python
+// path's is. autograd counts the lists' tensors one by one: backward returns a gradient for each
+// student, then nothing for the targets, is_forget and the four numbers.
 template <class K>
 struct UnlearnLossFunction : torch::autograd::Function<UnlearnLossFunction<K>> {
-  static variable_list forward(AutogradContext* ctx, const at::Tensor& student, const at::Tensor& retain,
-                               const at::Tensor& forget, const at::Tensor& is_forget, double retain_weight,
-                               double forget_weight, bool normalize_set, bool compute_grad) {
-    auto [loss, retain_loss, forget_loss, grad] = K::unlearn_loss_forward(
-        student, retain, forget, is_forget, retain_weight, forget_weight, normalize_set, compute_grad);
-    ctx->save_for_backward({grad, is_forget});
+  static variable_list forward(AutogradContext* ctx, at::TensorList students, at::TensorList retains,
+                               at::TensorList forgets, const at::Tensor& is_forget, double retain_weight,
+                               double forget_weight, int64_t normalize, bool compute_grad) {
+    auto [loss, retain_loss, forget_loss, grads] = K::unlearn_loss_forward(
+        students, retains, forgets, is_forget, retain_weight, forget_weight, normalize, compute_grad);
+    grads.push_back(is_forget);
+    ctx->save_for_backward(grads);
     ctx->saved_data["retain_weight"] = retain_weight;
     ctx->saved_data["forget_weight"] = forget_weight;
+    ctx->saved_data["tensors"] = int64_t(students.size());
     ctx->set_materialize_grads(false);  // unused outputs give undefined gradients, not zero tensors
     return {loss, retain_loss, forget_loss};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    const auto saved = ctx->get_saved_variables();
-    at::Tensor grad = saved[0];
-    K::unlearn_loss_scale_grad(grad, saved[1], defined(grads[0]), defined(grads[1]), defined(grads[2]),
+    variable_list saved = ctx->get_saved_variables();
+    const at::Tensor is_forget = saved.back();
+    saved.pop_back();
+    K::unlearn_loss_scale_grad(saved, is_forget, defined(grads[0]), defined(grads[1]), defined(grads[2]),
                                ctx->saved_data["retain_weight"].toDouble(),
                                ctx->saved_data["forget_weight"].toDouble());
-    torch::autograd::impl::bump_version(grad);  // the kernel wrote through a pointer
-    return {grad, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+    for (const at::Tensor& g : saved) torch::autograd::impl::bump_version(g);  // written through pointers
+    const int64_t n = ctx->saved_data["tensors"].toInt();
+    saved.resize(3 * n + 1 + 4);  // the targets, is_forget and the numbers get none
+    return saved;
   }
 };
 
 template <class K>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> unlearn_loss_autograd(
-    const at::Tensor& student, const at::Tensor& retain, const at::Tensor& forget, const at::Tensor& is_forget,
-    double retain_weight, double forget_weight, bool normalize_set) {
-  const bool compute_grad = at::GradMode::is_enabled() && student.requires_grad();  // forward runs without grad
-  auto out = UnlearnLossFunction<K>::apply(student, retain, forget, is_forget, retain_weight, forget_weight,
-                                           normalize_set, compute_grad);
+    at::TensorList students, at::TensorList retains, at::TensorList forgets, const at::Tensor& is_forget,
+    double retain_weight, double forget_weight, int64_t normalize) {
+  bool compute_grad = false;  // forward runs without grad mode: decided here
+  for (const at::Tensor& s : students) compute_grad |= s.requires_grad();
+  compute_grad &= at::GradMode::is_enabled();
+  auto out = UnlearnLossFunction<K>::apply(students, retains, forgets, is_forget, retain_weight, forget_weight,
+                                           normalize, compute_grad);
   return {out[0], out[1], out[2]};
 }
 
@@ -165,9 +174,9 @@ at::Tensor qkv_attention_autograd(const at::Tensor& qkv, int64_t heads) {
 // The same ops below autograd (inference mode, where the Autograd kernels are skipped).
 template <class K>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> unlearn_loss_plain(
-    const at::Tensor& student, const at::Tensor& retain, const at::Tensor& forget, const at::Tensor& is_forget,
-    double retain_weight, double forget_weight, bool normalize_set) {
-  auto out = K::unlearn_loss_forward(student, retain, forget, is_forget, retain_weight, forget_weight, normalize_set,
+    at::TensorList students, at::TensorList retains, at::TensorList forgets, const at::Tensor& is_forget,
+    double retain_weight, double forget_weight, int64_t normalize) {
+  auto out = K::unlearn_loss_forward(students, retains, forgets, is_forget, retain_weight, forget_weight, normalize,
                                      false);
   return {std::get<0>(out), std::get<1>(out), std::get<2>(out)};
 }

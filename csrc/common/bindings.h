@@ -3,18 +3,21 @@
 #pragma once
 #include <torch/torch.h>
 
+#include <vector>
+
 #include "patch_embed.h"
 #include "teacher_batch.h"
 #include "unlearn_loss.h"
 
 namespace fastforget {
 
+// The loss over a list of feature tensors (one table: any number in one pass), each (rows, cols_i).
 constexpr const char* kUnlearnLossForwardSchema =
-    "unlearn_loss_forward(Tensor student, Tensor retain_target, Tensor forget_target, Tensor is_forget, "
-    "float retain_weight, float forget_weight, bool normalize_set, bool compute_grad) "
-    "-> (Tensor, Tensor, Tensor, Tensor)";
+    "unlearn_loss_forward(Tensor[] students, Tensor[] retain_targets, Tensor[] forget_targets, Tensor is_forget, "
+    "float retain_weight, float forget_weight, int normalize, bool compute_grad) "
+    "-> (Tensor, Tensor, Tensor, Tensor[])";
 constexpr const char* kUnlearnLossScaleGradSchema =
-    "unlearn_loss_scale_grad(Tensor(a!) grad, Tensor is_forget, Tensor? grad_loss, Tensor? grad_retain, "
+    "unlearn_loss_scale_grad(Tensor(a!)[] grads, Tensor is_forget, Tensor? grad_loss, Tensor? grad_retain, "
     "Tensor? grad_forget, float retain_weight, float forget_weight) -> ()";
 constexpr const char* kTeacherBatchSchema =
     "make_teacher_batch(Tensor images, Tensor is_forget, Tensor stream, int noise, float? clamp_lo, "
@@ -43,13 +46,13 @@ inline const uint8_t* forget_flags(const at::Tensor& is_forget, const at::Tensor
   return reinterpret_cast<const uint8_t*>(is_forget.data_ptr());
 }
 
-// Checks the forward's inputs (2-D rows with unit column stride, on one device) and points the
-// kernel arguments at them; grad is filled in by the caller.
+// Checks one tensor of the forward's table (2-D rows with unit column stride, on one device,
+// `rows` rows) and points its kernel arguments at it; grad is filled in by the caller.
 inline UnlearnLossArgs unlearn_loss_args(const at::Tensor& student, const at::Tensor& retain,
-                                         const at::Tensor& forget, const at::Tensor& is_forget,
-                                         double retain_weight, double forget_weight, bool normalize_set) {
-  TORCH_CHECK(student.dim() == 2 && student.numel() > 0, "student must be a non-empty 2-D tensor, got ",
-              student.sizes());
+                                         const at::Tensor& forget, const uint8_t* is_forget, int64_t rows,
+                                         double retain_weight, double forget_weight, int64_t normalize) {
+  TORCH_CHECK(student.dim() == 2 && student.numel() > 0 && student.size(0) == rows,
+              "students must be non-empty 2-D tensors of ", rows, " rows, got ", student.sizes());
   for (const auto& [t, name] : {std::pair{&student, "student"}, {&retain, "retain_target"}, {&forget, "forget_target"}}) {
     TORCH_CHECK(t->device() == student.device(), name, " must be on ", student.device(), ", got ", t->device());
     TORCH_CHECK(t->sizes() == student.sizes(), name, " must have shape ", student.sizes(), ", got ", t->sizes());
@@ -57,11 +60,37 @@ inline UnlearnLossArgs unlearn_loss_args(const at::Tensor& student, const at::Te
   }
   TORCH_CHECK(retain.scalar_type() == forget.scalar_type(), "retain_target and forget_target must share a dtype, got ",
               retain.scalar_type(), " and ", forget.scalar_type());
+  TORCH_CHECK(normalize >= kSet && normalize <= kBatch, "normalize must be 0 (set), 1 (reference) or 2 (batch), got ",
+              normalize);
   return UnlearnLossArgs{student.data_ptr(), student.stride(0), dtype_of(student, "student"),
                          retain.data_ptr(), retain.stride(0),
                          forget.data_ptr(), forget.stride(0), dtype_of(retain, "retain_target"),
-                         forget_flags(is_forget, student), student.size(0), student.size(1), nullptr,
-                         float(retain_weight), float(forget_weight), normalize_set};
+                         is_forget, student.size(0), student.size(1), nullptr,
+                         float(retain_weight), float(forget_weight), int32_t(normalize)};
+}
+
+// The table of a list of tensors: checked, each with its gradient buffer from make_grad(rows,
+// cols, options) when compute_grad (appended to grads).
+template <typename MakeGrad>
+std::vector<UnlearnLossArgs> unlearn_loss_table(at::TensorList students, at::TensorList retains,
+                                                at::TensorList forgets, const at::Tensor& is_forget,
+                                                double retain_weight, double forget_weight, int64_t normalize,
+                                                bool compute_grad, std::vector<at::Tensor>& grads,
+                                                MakeGrad&& make_grad) {
+  TORCH_CHECK(!students.empty() && retains.size() == students.size() && forgets.size() == students.size(),
+              "students, retain_targets and forget_targets must be lists of one length >= 1, got ", students.size(),
+              ", ", retains.size(), " and ", forgets.size());
+  const uint8_t* flags = forget_flags(is_forget, students[0]);
+  std::vector<UnlearnLossArgs> table;
+  for (size_t i = 0; i < students.size(); ++i) {
+    table.push_back(unlearn_loss_args(students[i], retains[i], forgets[i], flags, students[0].size(0),
+                                      retain_weight, forget_weight, normalize));
+    if (compute_grad) {
+      grads.push_back(make_grad(students[i].size(0), students[i].size(1), students[i].options()));
+      table.back().grad = grads.back().data_ptr();
+    }
+  }
+  return table;
 }
 
 // Checks the teacher batch's inputs ((rows, ...) contiguous images, the noise stream (seed, first

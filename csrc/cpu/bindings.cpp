@@ -51,58 +51,71 @@ at::Tensor grad_buffer(int64_t rows, int64_t cols, const at::TensorOptions& opti
 // Grain: enough (row, chunk) tasks per thread job that scheduling costs nothing.
 int64_t grain(int64_t cols) { return std::max<int64_t>(1, (1 << 16) / std::max<int64_t>(cols, 1)); }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> unlearn_loss_forward(
-    const at::Tensor& student, const at::Tensor& retain_target, const at::Tensor& forget_target,
-    const at::Tensor& is_forget, double retain_weight, double forget_weight, bool normalize_set,
-    bool compute_grad) {
-  TORCH_CHECK(student.device().is_cpu(), "student must be on the CPU, got ", student.device());
-  UnlearnLossArgs args = unlearn_loss_args(student, retain_target, forget_target, is_forget,
-                                           retain_weight, forget_weight, normalize_set);
-  const int64_t rows = args.rows, cols = args.cols;
-  const at::Tensor grad = compute_grad ? grad_buffer(rows, cols, student.options()) : at::empty({0}, student.options());
-  args.grad = compute_grad ? grad.data_ptr() : nullptr;
-  const uint8_t* forget = args.is_forget;
+// One parallel pass over every (tensor, row, chunk) of the table; then per tensor, rows in a fixed
+// order, the sets' sums (deterministic for any thread count); the outputs sum the tensors'.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> unlearn_loss_forward(
+    at::TensorList students, at::TensorList retain_targets, at::TensorList forget_targets,
+    const at::Tensor& is_forget, double retain_weight, double forget_weight, int64_t normalize, bool compute_grad) {
+  TORCH_CHECK(!students.empty() && students[0].device().is_cpu(), "students must be CPU tensors");
+  std::vector<at::Tensor> grads;
+  const std::vector<UnlearnLossArgs> table = unlearn_loss_table(
+      students, retain_targets, forget_targets, is_forget, retain_weight, forget_weight, normalize, compute_grad,
+      grads, grad_buffer);
+  const int64_t rows = table[0].rows;
+  const uint8_t* forget = table[0].is_forget;
   int64_t n_forget = 0;
   for (int64_t b = 0; b < rows; ++b) n_forget += forget[b] != 0;
-  const int64_t n_retain = rows - n_forget;
-  const float w_r = args.retain_weight, w_f = args.forget_weight;
-
-  const int64_t chunks = num_chunks(cols);
-  std::vector<float> partial(rows * chunks);
-  at::parallel_for(0, rows * chunks, grain(cols), [&](int64_t begin, int64_t end) {
-    unlearn_loss_chunks(args, n_forget, begin, end, partial.data());
+  std::vector<int64_t> first_task{0};  // tensor i's tasks are [first_task[i], first_task[i + 1])
+  for (const UnlearnLossArgs& a : table) first_task.push_back(first_task.back() + a.rows * num_chunks(a.cols));
+  std::vector<float> partial(first_task.back());
+  at::parallel_for(0, first_task.back(), grain(table[0].cols), [&](int64_t begin, int64_t end) {
+    for (size_t i = 0; i < table.size(); ++i) {  // the part of [begin, end) in tensor i
+      const int64_t lo = std::max(begin, first_task[i]), hi = std::min(end, first_task[i + 1]);
+      if (lo < hi) unlearn_loss_chunks(table[i], n_forget, lo - first_task[i], hi - first_task[i],
+                                       partial.data() + first_task[i]);
+    }
   });
-
-  double sum_retain = 0.0, sum_forget = 0.0;  // fixed order: deterministic
-  for (int64_t b = 0; b < rows; ++b) {
-    float row = 0.0f;
-    for (int64_t c = 0; c < chunks; ++c) row += partial[b * chunks + c];
-    (forget[b] ? sum_forget : sum_retain) += row;
+  const float norm_retain = set_norm(int32_t(normalize), rows - n_forget, rows);
+  const float norm_forget = set_norm(int32_t(normalize), n_forget, rows);
+  float retain_loss = 0.0f, forget_loss = 0.0f;
+  for (size_t i = 0; i < table.size(); ++i) {
+    const int64_t chunks = num_chunks(table[i].cols);
+    const float* p = partial.data() + first_task[i];
+    double sum_retain = 0.0, sum_forget = 0.0;
+    for (int64_t b = 0; b < rows; ++b) {
+      float row = 0.0f;
+      for (int64_t c = 0; c < chunks; ++c) row += p[b * chunks + c];
+      (forget[b] ? sum_forget : sum_retain) += row;
+    }
+    retain_loss += float(sum_retain / table[i].cols) * norm_retain;
+    forget_loss += float(sum_forget / table[i].cols) * norm_forget;
   }
-  const float retain_loss = float(sum_retain / cols) * set_norm(normalize_set, n_retain, rows);
-  const float forget_loss = float(sum_forget / cols) * set_norm(normalize_set, n_forget, rows);
-  auto scalar = [&](float v) { return at::full({}, v, student.options().dtype(at::kFloat)); };
-  return {scalar(w_r * retain_loss + w_f * forget_loss), scalar(retain_loss), scalar(forget_loss), grad};
+  const float w_r = float(retain_weight), w_f = float(forget_weight);
+  auto scalar = [&](float v) { return at::full({}, v, students[0].options().dtype(at::kFloat)); };
+  return {scalar(w_r * retain_loss + w_f * forget_loss), scalar(retain_loss), scalar(forget_loss), grads};
 }
 
 float scalar_or_zero(const std::optional<at::Tensor>& t) { return t.has_value() ? t->item<float>() : 0.0f; }
 
-void unlearn_loss_scale_grad(at::Tensor& grad, const at::Tensor& is_forget, const std::optional<at::Tensor>& grad_loss,
-                             const std::optional<at::Tensor>& grad_retain,
+void unlearn_loss_scale_grad(at::TensorList grads, const at::Tensor& is_forget,
+                             const std::optional<at::Tensor>& grad_loss, const std::optional<at::Tensor>& grad_retain,
                              const std::optional<at::Tensor>& grad_forget, double retain_weight,
                              double forget_weight) {
-  TORCH_CHECK(grad.dim() == 2 && grad.is_contiguous() && grad.device().is_cpu(),
-              "grad must be a contiguous 2-D CPU tensor, got ", grad.sizes());
-  const int64_t rows = grad.size(0), cols = grad.size(1);
-  const uint8_t* forget = forget_flags(is_forget, grad);
+  if (grads.empty()) return;
   const float g = scalar_or_zero(grad_loss);
   const float scale_retain = backward_scale(g, scalar_or_zero(grad_retain), float(retain_weight));
   const float scale_forget = backward_scale(g, scalar_or_zero(grad_forget), float(forget_weight));
   if (scale_retain == 1.0f && scale_forget == 1.0f) return;
-  const DType dtype = dtype_of(grad, "grad");
-  at::parallel_for(0, rows * num_chunks(cols), grain(cols), [&](int64_t begin, int64_t end) {
-    scale_rows_chunks(grad.data_ptr(), dtype, forget, cols, scale_retain, scale_forget, begin, end);
-  });
+  for (const at::Tensor& grad : grads) {
+    TORCH_CHECK(grad.dim() == 2 && grad.is_contiguous() && grad.device().is_cpu(),
+                "grads must be contiguous 2-D CPU tensors, got ", grad.sizes());
+    const int64_t rows = grad.size(0), cols = grad.size(1);
+    const uint8_t* forget = forget_flags(is_forget, grad);
+    const DType dtype = dtype_of(grad, "grad");
+    at::parallel_for(0, rows * num_chunks(cols), grain(cols), [&](int64_t begin, int64_t end) {
+      scale_rows_chunks(grad.data_ptr(), dtype, forget, cols, scale_retain, scale_forget, begin, end);
+    });
+  }
 }
 
 at::Tensor make_teacher_batch(const at::Tensor& images, const at::Tensor& is_forget, const at::Tensor& stream,

@@ -33,8 +33,8 @@ float chunk_sum_sq(const S* s, const T* t, S* g, int64_t n, float coef) {
 template <typename S, typename T>
 void run_chunks(const UnlearnLossArgs& a, int64_t n_forget, int64_t task_begin, int64_t task_end, float* partial) {
   const int64_t chunks = num_chunks(a.cols);
-  const float coef_retain = grad_coef(a.normalize_set, a.rows - n_forget, a.rows, a.cols, a.retain_weight);
-  const float coef_forget = grad_coef(a.normalize_set, n_forget, a.rows, a.cols, a.forget_weight);
+  const float coef_retain = grad_coef(a.normalize, a.rows - n_forget, a.rows, a.cols, a.retain_weight);
+  const float coef_forget = grad_coef(a.normalize, n_forget, a.rows, a.cols, a.forget_weight);
   for (int64_t task = task_begin; task < task_end; ++task) {
     const int64_t row = task / chunks, begin = (task % chunks) * kChunk;
     const int64_t n = begin < a.cols ? (a.cols - begin < kChunk ? a.cols - begin : kChunk) : 0;

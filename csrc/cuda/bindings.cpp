@@ -21,37 +21,52 @@ const float* scalar_ptr(const std::optional<at::Tensor>& t, const char* name, co
   return t->data_ptr<float>();
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> unlearn_loss_forward(
-    const at::Tensor& student, const at::Tensor& retain_target, const at::Tensor& forget_target,
-    const at::Tensor& is_forget, double retain_weight, double forget_weight, bool normalize_set,
-    bool compute_grad) {
-  TORCH_CHECK(student.is_cuda(), "student must be a CUDA tensor, got ", student.device());
-  UnlearnLossArgs args = unlearn_loss_args(student, retain_target, forget_target, is_forget, retain_weight,
-                                           forget_weight, normalize_set);
-  const c10::cuda::CUDAGuard guard(student.device());
-  const int64_t rows = args.rows, cols = args.cols;
-  at::Tensor grad = compute_grad ? at::empty({rows, cols}, student.options()) : at::empty({0}, student.options());
-  args.grad = compute_grad ? grad.data_ptr() : nullptr;
-  const auto f32 = student.options().dtype(at::kFloat);
-  at::Tensor scratch = at::empty({unlearn_loss_scratch_floats(rows, cols)}, f32);
-  at::Tensor count = at::empty({1}, student.options().dtype(at::kInt));
+std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> unlearn_loss_forward(
+    at::TensorList students, at::TensorList retain_targets, at::TensorList forget_targets,
+    const at::Tensor& is_forget, double retain_weight, double forget_weight, int64_t normalize, bool compute_grad) {
+  TORCH_CHECK(!students.empty() && students[0].is_cuda(), "students must be CUDA tensors");
+  TORCH_CHECK(int64_t(students.size()) <= kMaxLossTensors, "the cuda kernel takes up to ", kMaxLossTensors,
+              " tensors, got ", students.size());
+  const c10::cuda::CUDAGuard guard(students[0].device());
+  std::vector<at::Tensor> grads;
+  const std::vector<UnlearnLossArgs> table = unlearn_loss_table(
+      students, retain_targets, forget_targets, is_forget, retain_weight, forget_weight, normalize, compute_grad,
+      grads, [](int64_t rows, int64_t cols, const at::TensorOptions& o) { return at::empty({rows, cols}, o); });
+  for (const UnlearnLossArgs& a : table)
+    TORCH_CHECK(a.student_dtype == table[0].student_dtype && a.target_dtype == table[0].target_dtype,
+                "the cuda kernel takes tensors of one student dtype and one target dtype");
+  const auto f32 = students[0].options().dtype(at::kFloat);
+  at::Tensor scratch = at::empty({unlearn_loss_scratch_floats(table.data(), int(table.size()))}, f32);
+  at::Tensor count = at::empty({1}, students[0].options().dtype(at::kInt));
   at::Tensor loss = at::empty({}, f32), retain_loss = at::empty({}, f32), forget_loss = at::empty({}, f32);
-  C10_CUDA_CHECK(launch_unlearn_loss_forward(args, scratch.data_ptr<float>(), count.data_ptr<int>(), loss.data_ptr<float>(),
-                                      retain_loss.data_ptr<float>(), forget_loss.data_ptr<float>(),
-                                      at::cuda::getCurrentCUDAStream()));
-  return {loss, retain_loss, forget_loss, grad};
+  C10_CUDA_CHECK(launch_unlearn_loss_forward(table.data(), int(table.size()), scratch.data_ptr<float>(),
+                                             count.data_ptr<int>(), loss.data_ptr<float>(),
+                                             retain_loss.data_ptr<float>(), forget_loss.data_ptr<float>(),
+                                             at::cuda::getCurrentCUDAStream()));
+  return {loss, retain_loss, forget_loss, grads};
 }
 
-void unlearn_loss_scale_grad(at::Tensor& grad, const at::Tensor& is_forget, const std::optional<at::Tensor>& grad_loss,
-                             const std::optional<at::Tensor>& grad_retain,
+void unlearn_loss_scale_grad(at::TensorList grads, const at::Tensor& is_forget,
+                             const std::optional<at::Tensor>& grad_loss, const std::optional<at::Tensor>& grad_retain,
                              const std::optional<at::Tensor>& grad_forget, double retain_weight,
                              double forget_weight) {
-  TORCH_CHECK(grad.is_cuda() && grad.dim() == 2 && grad.is_contiguous(), "grad must be a contiguous 2-D CUDA tensor");
-  const c10::cuda::CUDAGuard guard(grad.device());
+  if (grads.empty()) return;
+  TORCH_CHECK(int64_t(grads.size()) <= kMaxLossTensors, "the cuda kernel takes up to ", kMaxLossTensors, " tensors");
+  std::vector<void*> pointers;
+  std::vector<int64_t> cols;
+  for (const at::Tensor& g : grads) {
+    TORCH_CHECK(g.is_cuda() && g.dim() == 2 && g.is_contiguous() && g.size(0) == grads[0].size(0) &&
+                    g.scalar_type() == grads[0].scalar_type() && g.device() == grads[0].device(),
+                "grads must be contiguous 2-D CUDA tensors of one dtype and row count");
+    pointers.push_back(g.data_ptr());
+    cols.push_back(g.size(1));
+  }
+  const at::Tensor& g0 = grads[0];
+  const c10::cuda::CUDAGuard guard(g0.device());
   C10_CUDA_CHECK(launch_unlearn_loss_scale_grad(
-      grad.data_ptr(), dtype_of(grad, "grad"), forget_flags(is_forget, grad), grad.size(0), grad.size(1),
-      scalar_ptr(grad_loss, "grad_loss", grad), scalar_ptr(grad_retain, "grad_retain", grad),
-      scalar_ptr(grad_forget, "grad_forget", grad), float(retain_weight), float(forget_weight),
+      pointers.data(), cols.data(), int(grads.size()), dtype_of(g0, "grad"), forget_flags(is_forget, g0), g0.size(0),
+      scalar_ptr(grad_loss, "grad_loss", g0), scalar_ptr(grad_retain, "grad_retain", g0),
+      scalar_ptr(grad_forget, "grad_forget", g0), float(retain_weight), float(forget_weight),
       at::cuda::getCurrentCUDAStream()));
 }
 

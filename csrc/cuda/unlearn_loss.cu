@@ -1,6 +1,8 @@
-// Fused forget/retain loss: one pass reads student and the row's target, writes the gradient and a
-// per-chunk partial sum; a one-block pass reduces the partials in a fixed order (deterministic, no
-// atomics). Loads are 16 bytes wide when every row start is 16-byte aligned.
+// Fused forget/retain loss over a table of tensors: one launch reads each student and its row's
+// target, writes the gradient and a per-chunk partial sum, for every (tensor, row, chunk) of the
+// table; a one-block pass reduces the partials in a fixed order (deterministic, no atomics). The
+// table travels by value in the kernels' arguments (as apex's multi-tensor kernels do): no host
+// copy, no synchronisation. Loads are 16 bytes wide when every row start is 16-byte aligned.
 #include "unlearn_loss.h"
 #include "scalar.cuh"
 
@@ -14,6 +16,28 @@ constexpr int64_t kChunk = int64_t(kThreads) * kVec * kSteps;
 // Above this many rows each block would re-read too much of is_forget: count once, up front.
 constexpr int64_t kInlineCountMaxRows = 4096;
 constexpr int kFinalizeThreads = 1024;
+
+// The tables the kernels take by value: per tensor what differs; what the tensors share, once.
+struct LossTensor {
+  const void* student; const void* retain; const void* forget; void* grad;
+  int64_t student_stride, retain_stride, forget_stride, cols;
+};
+struct LossTable {
+  LossTensor t[kMaxLossTensors];
+  int64_t first_block[kMaxLossTensors + 1];  // tensor i's blocks: [first_block[i], first_block[i + 1])
+  const uint8_t* is_forget;
+  int64_t rows;
+  float retain_weight, forget_weight;
+  int32_t normalize;
+  int count;
+};
+struct ScaleTable {
+  void* grad[kMaxLossTensors];
+  int64_t cols[kMaxLossTensors];
+  int64_t first_block[kMaxLossTensors + 1];
+  int count;
+};
+static_assert(sizeof(LossTable) < 4096, "kernel arguments stay under the 4 KiB every CUDA version takes");
 
 // 8 elements at a 16-byte aligned address: one 16-byte access for 16-bit types, two for float.
 // kReadOnly: through the read-only cache (__ldg), only for data no thread of the kernel writes.
@@ -80,29 +104,39 @@ __global__ void __launch_bounds__(kThreads) count_kernel(const uint8_t* is_forge
   if (threadIdx.x == 0) *count = c;
 }
 
-// One block per (row, chunk) of kChunk columns; partial[block] = sum of squared differences.
+// Which tensor of a table block b belongs to: tensor i owns [first_block[i], first_block[i + 1]).
+__device__ __forceinline__ int table_entry(const int64_t* first_block, int count, int64_t b) {
+  int i = 0;
+  while (i + 1 < count && b >= first_block[i + 1]) ++i;
+  return i;
+}
+
+// One block per (tensor, row, chunk) of kChunk columns; partial[block] = sum of squared differences.
 template <typename S, typename T, bool kAligned>
 __global__ void __launch_bounds__(kThreads)
-    forward_kernel(UnlearnLossArgs a, const int* pre_count, float* partial) {
+    forward_kernel(LossTable table, const int* pre_count, float* partial) {
+  const int i = table_entry(table.first_block, table.count, blockIdx.x);
+  const LossTensor& a = table.t[i];
+  const int64_t local = blockIdx.x - table.first_block[i];
   const int64_t chunks = (a.cols + kChunk - 1) / kChunk;
-  const int64_t row = blockIdx.x / chunks;
-  const int64_t begin = (blockIdx.x % chunks) * kChunk;
+  const int64_t row = local / chunks;
+  const int64_t begin = (local % chunks) * kChunk;
   const int64_t end = min(begin + kChunk, a.cols);
 
-  const bool forget = a.is_forget[row] != 0;
+  const bool forget = table.is_forget[row] != 0;
   const S* s = static_cast<const S*>(a.student) + row * a.student_stride;
   const T* t = forget ? static_cast<const T*>(a.forget) + row * a.forget_stride
                       : static_cast<const T*>(a.retain) + row * a.retain_stride;
   S* g = a.grad ? static_cast<S*>(a.grad) + row * a.cols : nullptr;
   float coef = 0.0f;
   if (g) {
-    const int n_forget = pre_count ? *pre_count : count_forget_rows(a.is_forget, a.rows);
-    coef = grad_coef(a.normalize_set, forget ? n_forget : a.rows - n_forget, a.rows, a.cols,
-                     forget ? a.forget_weight : a.retain_weight);
+    const int n_forget = pre_count ? *pre_count : count_forget_rows(table.is_forget, table.rows);
+    coef = grad_coef(table.normalize, forget ? n_forget : table.rows - n_forget, table.rows, a.cols,
+                     forget ? table.forget_weight : table.retain_weight);
   }
 
   float acc = 0.0f;
-  int64_t i = begin;
+  int64_t k0 = begin;
   if constexpr (kAligned) {
     const int64_t vec_end = begin + (end - begin) / kVec * kVec;
     for (int64_t k = begin + int64_t(threadIdx.x) * kVec; k < vec_end; k += int64_t(kThreads) * kVec) {
@@ -117,9 +151,9 @@ __global__ void __launch_bounds__(kThreads)
       }
       if (g) store8(g + k, sv);
     }
-    i = vec_end;
+    k0 = vec_end;
   }
-  for (int64_t k = i + threadIdx.x; k < end; k += kThreads) {
+  for (int64_t k = k0 + threadIdx.x; k < end; k += kThreads) {
     const float d = to_f(s[k]) - to_f(t[k]);
     acc += d * d;
     if (g) g[k] = from_f<S>(coef * d);
@@ -128,44 +162,58 @@ __global__ void __launch_bounds__(kThreads)
   if (threadIdx.x == 0) partial[blockIdx.x] = acc;
 }
 
-// One block: per-row sums of the partials, then each set's sum, in a fixed order.
+// One block: per tensor, per-row sums of its partials, then each set's sum, in a fixed order;
+// the outputs add the tensors' losses in table order.
 __global__ void __launch_bounds__(kFinalizeThreads)
-    finalize_kernel(const float* partial, UnlearnLossArgs a, float* loss, float* retain_loss, float* forget_loss) {
-  const int64_t chunks = (a.cols + kChunk - 1) / kChunk;
-  float sum_retain = 0.0f, sum_forget = 0.0f;
+    finalize_kernel(const float* partial, LossTable table, float* loss, float* retain_loss, float* forget_loss) {
   int n_forget = 0;
-  for (int64_t row = threadIdx.x; row < a.rows; row += kFinalizeThreads) {
-    float r = 0.0f;
-    for (int64_t c = 0; c < chunks; ++c) r += partial[row * chunks + c];
-    if (a.is_forget[row]) { sum_forget += r; ++n_forget; } else { sum_retain += r; }
-  }
-  sum_retain = block_sum<float, kFinalizeThreads>(sum_retain);
-  sum_forget = block_sum<float, kFinalizeThreads>(sum_forget);
+  for (int64_t row = threadIdx.x; row < table.rows; row += kFinalizeThreads) n_forget += table.is_forget[row] != 0;
   n_forget = block_sum<int, kFinalizeThreads>(n_forget);
+  __shared__ int n_forget_all;
+  if (threadIdx.x == 0) n_forget_all = n_forget;
+  __syncthreads();
+  const float norm_retain = set_norm(table.normalize, table.rows - n_forget_all, table.rows);
+  const float norm_forget = set_norm(table.normalize, n_forget_all, table.rows);
+  float total_retain = 0.0f, total_forget = 0.0f;  // valid in thread 0
+  for (int i = 0; i < table.count; ++i) {
+    const LossTensor& a = table.t[i];
+    const float* p = partial + table.first_block[i];
+    const int64_t chunks = (a.cols + kChunk - 1) / kChunk;
+    float sum_retain = 0.0f, sum_forget = 0.0f;
+    for (int64_t row = threadIdx.x; row < table.rows; row += kFinalizeThreads) {
+      float r = 0.0f;
+      for (int64_t c = 0; c < chunks; ++c) r += p[row * chunks + c];
+      if (table.is_forget[row]) sum_forget += r; else sum_retain += r;
+    }
+    sum_retain = block_sum<float, kFinalizeThreads>(sum_retain);
+    sum_forget = block_sum<float, kFinalizeThreads>(sum_forget);
+    total_retain += sum_retain / float(a.cols) * norm_retain;
+    total_forget += sum_forget / float(a.cols) * norm_forget;
+  }
   if (threadIdx.x == 0) {
-    const float r = sum_retain / float(a.cols) * set_norm(a.normalize_set, a.rows - n_forget, a.rows);
-    const float f = sum_forget / float(a.cols) * set_norm(a.normalize_set, n_forget, a.rows);
-    *retain_loss = r;
-    *forget_loss = f;
-    *loss = a.retain_weight * r + a.forget_weight * f;
+    *retain_loss = total_retain;
+    *forget_loss = total_forget;
+    *loss = table.retain_weight * total_retain + table.forget_weight * total_forget;
   }
 }
 
 template <typename S, bool kAligned>
 __global__ void __launch_bounds__(kThreads)
-    scale_kernel(S* grad, const uint8_t* is_forget, int64_t cols, const float* grad_loss, const float* grad_retain,
+    scale_kernel(ScaleTable table, const uint8_t* is_forget, const float* grad_loss, const float* grad_retain,
                  const float* grad_forget, float retain_weight, float forget_weight) {
+  const int i = table_entry(table.first_block, table.count, blockIdx.x);
+  const int64_t cols = table.cols[i], local = blockIdx.x - table.first_block[i];
   const int64_t chunks = (cols + kChunk - 1) / kChunk;
-  const int64_t row = blockIdx.x / chunks;
-  const int64_t begin = (blockIdx.x % chunks) * kChunk;
+  const int64_t row = local / chunks;
+  const int64_t begin = (local % chunks) * kChunk;
   const int64_t end = min(begin + kChunk, cols);
   const bool forget = is_forget[row] != 0;
   const float* gs = forget ? grad_forget : grad_retain;
   const float scale = backward_scale(grad_loss ? *grad_loss : 0.0f, gs ? *gs : 0.0f,
                                      forget ? forget_weight : retain_weight);
   if (scale == 1.0f) return;  // the common case, loss.backward(): no memory traffic at all
-  S* g = grad + row * cols;
-  int64_t i = begin;
+  S* g = static_cast<S*>(table.grad[i]) + row * cols;
+  int64_t k0 = begin;
   if constexpr (kAligned) {
     const int64_t vec_end = begin + (end - begin) / kVec * kVec;
     for (int64_t k = begin + int64_t(threadIdx.x) * kVec; k < vec_end; k += int64_t(kThreads) * kVec) {
@@ -175,9 +223,9 @@ __global__ void __launch_bounds__(kThreads)
       for (int j = 0; j < kVec; ++j) v[j] *= scale;
       store8(g + k, v);
     }
-    i = vec_end;
+    k0 = vec_end;
   }
-  for (int64_t k = i + threadIdx.x; k < end; k += kThreads) g[k] = from_f<S>(to_f(g[k]) * scale);
+  for (int64_t k = k0 + threadIdx.x; k < end; k += kThreads) g[k] = from_f<S>(to_f(g[k]) * scale);
 }
 
 bool aligned16(const void* p, int64_t row_stride_bytes) {
@@ -188,48 +236,77 @@ int64_t dtype_size(DType d) { return d == DType::kFloat32 ? 4 : 2; }
 
 }  // namespace
 
-int64_t unlearn_loss_scratch_floats(int64_t rows, int64_t cols) { return rows * ((cols + kChunk - 1) / kChunk); }
+int64_t unlearn_loss_scratch_floats(const UnlearnLossArgs* tensors, int count) {
+  int64_t blocks = 0;
+  for (int i = 0; i < count; ++i) blocks += tensors[i].rows * ((tensors[i].cols + kChunk - 1) / kChunk);
+  return blocks;
+}
 
-cudaError_t launch_unlearn_loss_forward(const UnlearnLossArgs& a, float* scratch, int* count_scratch, float* loss,
-                                 float* retain_loss, float* forget_loss, cudaStream_t stream) {
-  const int64_t blocks = unlearn_loss_scratch_floats(a.rows, a.cols);
-  const int64_t ss = dtype_size(a.student_dtype), ts = dtype_size(a.target_dtype);
-  const bool aligned = aligned16(a.student, a.student_stride * ss) && aligned16(a.retain, a.retain_stride * ts) &&
-                       aligned16(a.forget, a.forget_stride * ts) &&
-                       (a.grad == nullptr || aligned16(a.grad, a.cols * ss));
+cudaError_t launch_unlearn_loss_forward(const UnlearnLossArgs* tensors, int count, float* scratch, int* count_scratch,
+                                        float* loss, float* retain_loss, float* forget_loss, cudaStream_t stream) {
+  if (count < 1 || count > kMaxLossTensors) return cudaErrorInvalidValue;
+  const UnlearnLossArgs& first = tensors[0];
+  LossTable table{};
+  table.count = count;
+  table.is_forget = first.is_forget;
+  table.rows = first.rows;
+  table.retain_weight = first.retain_weight;
+  table.forget_weight = first.forget_weight;
+  table.normalize = first.normalize;
+  const int64_t ss = dtype_size(first.student_dtype), ts = dtype_size(first.target_dtype);
+  bool aligned = true, grad = first.grad != nullptr;
+  for (int i = 0; i < count; ++i) {
+    const UnlearnLossArgs& a = tensors[i];
+    if (a.student_dtype != first.student_dtype || a.target_dtype != first.target_dtype) return cudaErrorInvalidValue;
+    table.t[i] = LossTensor{a.student, a.retain, a.forget, a.grad, a.student_stride, a.retain_stride,
+                            a.forget_stride, a.cols};
+    table.first_block[i + 1] = table.first_block[i] + a.rows * ((a.cols + kChunk - 1) / kChunk);
+    aligned = aligned && aligned16(a.student, a.student_stride * ss) && aligned16(a.retain, a.retain_stride * ts) &&
+              aligned16(a.forget, a.forget_stride * ts) && (a.grad == nullptr || aligned16(a.grad, a.cols * ss));
+  }
+  const int64_t blocks = table.first_block[count];
   const int* pre_count = nullptr;
-  if (a.grad && a.rows > kInlineCountMaxRows) {
-    count_kernel<<<1, kThreads, 0, stream>>>(a.is_forget, a.rows, count_scratch);
+  if (grad && first.rows > kInlineCountMaxRows) {
+    count_kernel<<<1, kThreads, 0, stream>>>(first.is_forget, first.rows, count_scratch);
     pre_count = count_scratch;
   }
-  dispatch(a.student_dtype, [&](auto* s_tag) {
-    dispatch(a.target_dtype, [&](auto* t_tag) {
+  dispatch(first.student_dtype, [&](auto* s_tag) {
+    dispatch(first.target_dtype, [&](auto* t_tag) {
       using S = std::remove_pointer_t<decltype(s_tag)>;
       using T = std::remove_pointer_t<decltype(t_tag)>;
       if (aligned)
-        forward_kernel<S, T, true><<<blocks, kThreads, 0, stream>>>(a, pre_count, scratch);
+        forward_kernel<S, T, true><<<blocks, kThreads, 0, stream>>>(table, pre_count, scratch);
       else
-        forward_kernel<S, T, false><<<blocks, kThreads, 0, stream>>>(a, pre_count, scratch);
+        forward_kernel<S, T, false><<<blocks, kThreads, 0, stream>>>(table, pre_count, scratch);
     });
   });
-  finalize_kernel<<<1, kFinalizeThreads, 0, stream>>>(scratch, a, loss, retain_loss, forget_loss);
+  finalize_kernel<<<1, kFinalizeThreads, 0, stream>>>(scratch, table, loss, retain_loss, forget_loss);
   return cudaGetLastError();
 }
 
-cudaError_t launch_unlearn_loss_scale_grad(void* grad, DType dtype, const uint8_t* is_forget, int64_t rows, int64_t cols,
-                                    const float* grad_loss, const float* grad_retain, const float* grad_forget,
-                                    float retain_weight, float forget_weight, cudaStream_t stream) {
-  const int64_t blocks = unlearn_loss_scratch_floats(rows, cols);
-  const bool aligned = aligned16(grad, cols * dtype_size(dtype));
+cudaError_t launch_unlearn_loss_scale_grad(void* const* grads, const int64_t* cols, int count, DType dtype,
+                                           const uint8_t* is_forget, int64_t rows, const float* grad_loss,
+                                           const float* grad_retain, const float* grad_forget, float retain_weight,
+                                           float forget_weight, cudaStream_t stream) {
+  if (count < 1 || count > kMaxLossTensors) return cudaErrorInvalidValue;
+  ScaleTable table{};
+  table.count = count;
+  bool aligned = true;
+  for (int i = 0; i < count; ++i) {
+    table.grad[i] = grads[i];
+    table.cols[i] = cols[i];
+    table.first_block[i + 1] = table.first_block[i] + rows * ((cols[i] + kChunk - 1) / kChunk);
+    aligned = aligned && aligned16(grads[i], cols[i] * dtype_size(dtype));
+  }
+  const int64_t blocks = table.first_block[count];
   dispatch(dtype, [&](auto* tag) {
     using S = std::remove_pointer_t<decltype(tag)>;
-    S* g = static_cast<S*>(grad);
     if (aligned)
-      scale_kernel<S, true><<<blocks, kThreads, 0, stream>>>(g, is_forget, cols, grad_loss, grad_retain, grad_forget,
+      scale_kernel<S, true><<<blocks, kThreads, 0, stream>>>(table, is_forget, grad_loss, grad_retain, grad_forget,
                                                              retain_weight, forget_weight);
     else
-      scale_kernel<S, false><<<blocks, kThreads, 0, stream>>>(g, is_forget, cols, grad_loss, grad_retain,
-                                                              grad_forget, retain_weight, forget_weight);
+      scale_kernel<S, false><<<blocks, kThreads, 0, stream>>>(table, is_forget, grad_loss, grad_retain, grad_forget,
+                                                              retain_weight, forget_weight);
   });
   return cudaGetLastError();
 }

@@ -181,3 +181,46 @@ def qkv_attention(qkv: Tensor, num_heads: int) -> Tensor:
     q, k, v = qkv.reshape(batch, tokens, 3, num_heads, head_dim).permute(2, 0, 3, 1, 4)
     weights = ((q @ k.transpose(-2, -1)) * head_dim ** -0.5).softmax(dim=-1)
     return (weights @ v).transpose(1, 2).reshape(batch, tokens, num_heads * head_dim)
+
+
+# ---------------------------------------------------------------------------------------------
+# The diffusion family's ops (Palette: jpmorganchase/i2i_Palette-Image-to-Image-Diffusion-Models).
+
+
+def group_norm_silu(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], groups: int, eps: float = 1e-5,
+                    scale: Optional[Tensor] = None, shift: Optional[Tensor] = None, silu: bool = True,
+                    upcast: bool = True) -> Tensor:
+    """guided-diffusion's chain: GroupNorm32 (in float32, cast back to x's dtype), * (1 + scale)
+    + shift per (image, channel), SiLU. upcast=True keeps everything in float32 to the end (the
+    op's own precision); upcast=False rounds where the reference model does (after the norm, then
+    in x's dtype): the same-precision yardstick of the low-precision tests."""
+    h = torch.nn.functional.group_norm(x.float(), groups, None if weight is None else weight.float(),
+                                       None if bias is None else bias.float(), eps)
+    dtype = torch.float32 if upcast else x.dtype
+    h = h.to(dtype)
+    spread = (x.shape[0], x.shape[1]) + (1,) * (x.dim() - 2)
+    if scale is not None:
+        h = h * (1 + scale.to(dtype).reshape(spread))
+    if shift is not None:
+        h = h + shift.to(dtype).reshape(spread)
+    if silu:
+        h = h * torch.sigmoid(h)
+    return h.to(x.dtype)
+
+
+def make_diffusion_inputs(y_0: Tensor, y_cond: Tensor, mask: Tensor, gammas: Tensor, is_forget: Tensor,
+                          noise: Tensor) -> tuple[Tensor, Tensor]:
+    """(student input, teacher input), each cat(y_cond, noisy) with noisy = m * x_t + (1 - m) * y_0,
+    as the reference's Network.forward builds them (q_sample with labels):
+    student: x_t = sqrt(gamma) y_0 + sqrt(1 - gamma) noise, on every row;
+    teacher: the same on retain rows; on forget rows x_t = noise itself (pure N(0, 1) in the hole)."""
+    shape = (-1,) + (1,) * (y_0.dim() - 1)
+    g = gammas.float().reshape(shape)
+    m = mask.float()
+    x_t = g.sqrt() * y_0.float() + (1 - g).sqrt() * noise.float()
+    forget_x_t = torch.where(is_forget.bool().reshape(shape), noise.float(), x_t)
+    student = m * x_t + (1 - m) * y_0.float()
+    teacher = m * forget_x_t + (1 - m) * y_0.float()
+    dtype = y_0.dtype
+    return (torch.cat([y_cond.to(dtype), student.to(dtype)], dim=1),
+            torch.cat([y_cond.to(dtype), teacher.to(dtype)], dim=1))

@@ -1,7 +1,16 @@
-"""The fused forget/retain embedding-distance loss: validation, dispatch, custom op, autograd.
+"""The fused forget/retain feature-distance loss: validation, dispatch, custom op, autograd.
 
-    L_R = mean over retain rows of d_b,   L_F = mean over forget rows of d_b,   L = w_R L_R + w_F L_F
-    d_b = mean over the row's elements of (student_b - target_b)^2, target_b = forget or retain target
+For one tensor of features (B, ...), with d_b = the row's mean of (student_b - target_b)^2 and
+target_b the forget target on forget rows, the retain target on the others:
+
+    L_R = norm_R * sum over retain rows of d_b,   L_F = norm_F * sum over forget rows of d_b
+    L = w_R L_R + w_F L_F
+    norm: "set" 1 / (rows in the set), "reference" 2 / B (the MAE reference code's compute_loss),
+          "batch" 1 / B (Palette's weighted_mse_loss: F.mse_loss of row-masked tensors)
+
+For lists of tensors (an encoder's feature maps), every output is the sum over the tensors of
+that tensor's loss: each tensor weighs the same whatever its size. Any number of tensors go
+through one multi-tensor pass.
 
 The kernels write d L / d student in the forward pass (one pass over memory); backward rescales
 it in place only when some output other than `loss` carries gradient, or `loss` carries a
@@ -11,7 +20,7 @@ from __future__ import annotations
 
 import math
 import struct
-from typing import NamedTuple, Optional
+from typing import NamedTuple, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
@@ -19,8 +28,9 @@ from torch import Tensor
 from ..errors import InvalidType, InvalidValue
 from . import backends, custom
 
-NORMALIZE = ("set", "reference")
+NORMALIZE = ("set", "reference", "batch")  # the kernels' codes are the indices
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+Features = Union[Tensor, Sequence[Tensor]]
 
 
 class UnlearnLossOutput(NamedTuple):
@@ -30,9 +40,9 @@ class UnlearnLossOutput(NamedTuple):
 
 
 def unlearn_loss(
-    student: Tensor,
-    retain_target: Tensor,
-    forget_target: Tensor,
+    student: Features,
+    retain_target: Features,
+    forget_target: Features,
     is_forget: Tensor,
     *,
     retain_weight: float = 1.0,
@@ -40,32 +50,62 @@ def unlearn_loss(
     normalize: str = "set",
     backend: Optional[str] = None,
 ) -> UnlearnLossOutput:
-    """(loss, retain_loss, forget_loss), 0-d float32, of student embeddings against their targets.
+    """(loss, retain_loss, forget_loss), 0-d float32, of student features against their targets.
 
-    student: (B, ...) float32, bfloat16 or float16, any strides. retain_target, forget_target:
-    student's shape, any of those dtypes, treated as constants (no gradient); they may be one
-    tensor. is_forget: (B,) bool or 0/1 integers, nonzero = forget row. normalize: "set" (each
-    loss is the mean over its own rows, 0 for an empty set) or "reference" (2/B times the sum,
-    the reference code's compute_loss). backend: None (fastest that fits), "torch", "triton",
-    "cuda" or "cpu"; FASTFORGET_BACKEND sets the default.
+    student: (B, ...) float32, bfloat16 or float16, any strides, or a sequence of such tensors
+    (one B). retain_target, forget_target: the same structure and shapes, any of those dtypes,
+    treated as constants (no gradient); they may be the same tensors. is_forget: (B,) bool or 0/1
+    integers, nonzero = forget row. normalize: "set", "reference" or "batch" (the module
+    docstring). backend: None (fastest that fits), "torch", "triton", "cuda" or "cpu";
+    FASTFORGET_BACKEND sets the default. For a sequence, each output is the sum of the tensors'.
     """
-    _check(student, retain_target, forget_target, is_forget, normalize)
+    students, retains, forgets = _as_lists(student, retain_target, forget_target)
+    for s, r, f in zip(students, retains, forgets):
+        _check(s, r, f, is_forget, normalize)
     retain_weight, forget_weight = _weight("retain_weight", retain_weight), _weight("forget_weight", forget_weight)
-    batch = student.shape[0]
-    if forget_target.dtype != retain_target.dtype:  # the kernels read both targets as one dtype: the wider
-        common = torch.promote_types(retain_target.dtype, forget_target.dtype)  # (bf16 with fp16: fp32), exact
-        retain_target, forget_target = retain_target.to(common), forget_target.to(common)
+    batch = students[0].shape[0]
+    pairs = [_common_dtype(r, f) for r, f in zip(retains, forgets)]  # the kernels read one target dtype a tensor
     flags = is_forget if is_forget.dtype == torch.bool else is_forget != 0
-    args = (_rows(student, batch), _rows(retain_target.detach(), batch), _rows(forget_target.detach(), batch),
-            flags.contiguous().view(torch.uint8), retain_weight, forget_weight, normalize == "set")
+    args = ([_rows(s, batch) for s in students], [_rows(r.detach(), batch) for r, _ in pairs],
+            [_rows(f.detach(), batch) for _, f in pairs], flags.contiguous().view(torch.uint8), retain_weight,
+            forget_weight, NORMALIZE.index(normalize))
     requested = backends.requested_backend(backend)
-    compute_grad = torch.is_grad_enabled() and student.requires_grad
+    compute_grad = torch.is_grad_enabled() and any(s.requires_grad for s in students)
     if custom.traced():
         return UnlearnLossOutput(*UNLEARN_LOSS.op(*args, compute_grad, True, requested)[:3])
-    name = backends.select("unlearn_loss", requested, student.device)  # every backend takes every input
+    name = backends.select("unlearn_loss", requested, students[0].device, lambda n: _not_supported(n, args[0]))
     if name in backends.native.EXTENSIONS:  # autograd in C++
         return UnlearnLossOutput(*backends.native.ops(name).unlearn_loss(*args))
-    return UnlearnLossOutput(*UNLEARN_LOSS.eager(*args, compute_grad, True, name)[:3])
+    return UnlearnLossOutput(*_EagerLoss.apply(len(students), args[3:], compute_grad, name, *args[0], *args[1],
+                                               *args[2]))
+
+
+def _as_lists(student, retain_target, forget_target) -> tuple[list, list, list]:
+    """The three arguments as lists of equal length (a tensor is a list of one)."""
+    if isinstance(student, Tensor) or not isinstance(student, Sequence):
+        return [student], [retain_target], [forget_target]
+    if not student:
+        raise InvalidValue("student must be a torch.Tensor or a non-empty sequence of tensors, got an empty sequence")
+    for name, seq in (("student", student), ("retain_target", retain_target), ("forget_target", forget_target)):
+        odd = [type(t).__name__ for t in (seq if isinstance(seq, Sequence) else ()) if not isinstance(t, Tensor)]
+        if odd:
+            raise InvalidType(f"{name} must be a torch.Tensor or a sequence of tensors, got a {type(seq).__name__} "
+                              f"holding {odd[0]}")
+    for name, t in (("retain_target", retain_target), ("forget_target", forget_target)):
+        if isinstance(t, Tensor) or not isinstance(t, Sequence) or len(t) != len(student):
+            got = f"a sequence of {len(t)}" if isinstance(t, Sequence) and not isinstance(t, Tensor) else type(t).__name__
+            raise InvalidValue(f"{name} must be a sequence of {len(student)} tensors, as student is, got {got}")
+    batches = {tuple(s.shape[:1]) for s in student if isinstance(s, Tensor)}
+    if len(batches) > 1:
+        raise InvalidValue(f"student's tensors must share the batch size B, got {sorted(b[0] for b in batches)}")
+    return list(student), list(retain_target), list(forget_target)
+
+
+def _common_dtype(retain: Tensor, forget: Tensor) -> tuple[Tensor, Tensor]:
+    if forget.dtype == retain.dtype:
+        return retain, forget
+    common = torch.promote_types(retain.dtype, forget.dtype)  # the wider (bf16 with fp16: fp32), exact
+    return retain.to(common), forget.to(common)
 
 
 def _float32(w: float) -> float:
@@ -117,33 +157,50 @@ def _check(student, retain_target, forget_target, is_forget, normalize) -> None:
     if normalize not in NORMALIZE:
         raise InvalidValue(f"normalize must be one of {NORMALIZE}, got {normalize!r}")
 
+
 # ---------------------------------------------------------------------------------------------
-# Backends. Inputs: (rows, cols) tensors with unit column stride; is_forget (rows,) uint8.
+# Backends. Inputs: lists of (rows, cols_i) tensors with unit column stride; is_forget (rows,)
+# uint8; normalize the index in NORMALIZE.
+
+MAX_TENSORS = 32  # the GPU kernels' table of tensors per launch
 
 
-def _torch_forward(student, retain, forget, is_forget, retain_weight, forget_weight, normalize_set, compute_grad):
-    rows, cols = student.shape
+def _not_supported(name: str, students: list[Tensor]) -> list[str]:
+    """The GPU kernels walk one table of tensors of one student dtype (the CPU's takes any mix)."""
+    if name in ("cuda", "triton"):
+        if len({s.dtype for s in students}) > 1:
+            return [f"the {name} kernel takes tensors of one dtype, got {sorted(str(s.dtype) for s in students)}"]
+        if len(students) > MAX_TENSORS:
+            return [f"the {name} kernel takes up to {MAX_TENSORS} tensors, got {len(students)}"]
+    return []
+
+
+def _norms(n_forget: Tensor, rows: int, normalize: int) -> tuple[Tensor, Tensor]:
+    """(retain norm, forget norm) as 0-d float32 tensors on n_forget's device."""
+    if normalize == 0:
+        return 1.0 / (rows - n_forget).clamp(min=1).float(), 1.0 / n_forget.clamp(min=1).float()
+    value = torch.full((), (2.0 if normalize == 1 else 1.0) / rows, device=n_forget.device)
+    return value, value
+
+
+def _torch_forward(students, retains, forgets, is_forget, retain_weight, forget_weight, normalize, compute_grad):
     forget_rows = is_forget.bool()
-    target = torch.where(forget_rows[:, None], forget.float(), retain.float())
-    diff = student.float() - target
-    row_sq = diff.square().sum(dim=1)
-    n_forget = forget_rows.sum()
-    n_retain = rows - n_forget
-    if normalize_set:
-        norm_retain, norm_forget = 1.0 / n_retain.clamp(min=1), 1.0 / n_forget.clamp(min=1)
-    else:
-        norm_retain = norm_forget = torch.full((), 2.0 / rows, device=student.device)
-    retain_loss = torch.where(forget_rows, 0.0, row_sq).sum() / cols * norm_retain
-    forget_loss = torch.where(forget_rows, row_sq, 0.0).sum() / cols * norm_forget
+    rows = forget_rows.shape[0]
+    norm_retain, norm_forget = _norms(forget_rows.sum(), rows, normalize)
+    coef = torch.where(forget_rows, _grad_weight(forget_weight) * norm_forget,
+                       _grad_weight(retain_weight) * norm_retain)
+    retain_loss = forget_loss = torch.zeros((), device=is_forget.device)
+    grads = []
+    for student, retain, forget in zip(students, retains, forgets):
+        cols = student.shape[1]
+        diff = student.float() - torch.where(forget_rows[:, None], forget.float(), retain.float())
+        row_sq = diff.square().sum(dim=1)
+        retain_loss = retain_loss + torch.where(forget_rows, 0.0, row_sq).sum() / cols * norm_retain
+        forget_loss = forget_loss + torch.where(forget_rows, row_sq, 0.0).sum() / cols * norm_forget
+        if compute_grad:
+            grads.append((diff * (coef * (2.0 / cols))[:, None]).to(student.dtype))
     loss = retain_weight * retain_loss + forget_weight * forget_loss
-    if compute_grad:
-        coef = torch.where(
-            forget_rows, _grad_weight(forget_weight) * norm_forget, _grad_weight(retain_weight) * norm_retain
-        ) * (2.0 / cols)
-        grad = (diff * coef[:, None]).to(student.dtype)
-    else:
-        grad = student.new_empty(0)
-    return loss.float(), retain_loss.float(), forget_loss.float(), grad
+    return loss.float(), retain_loss.float(), forget_loss.float(), grads
 
 
 def _grad_weight(w: float) -> float:
@@ -159,9 +216,10 @@ def _row_scale(is_forget, grad_loss, grad_retain, grad_forget, retain_weight, fo
     return torch.where(is_forget.bool(), scale_forget, scale_retain)
 
 
-def _torch_scale_grad_(grad, is_forget, grad_loss, grad_retain, grad_forget, retain_weight, forget_weight):
+def _torch_scale_grad_(grads, is_forget, grad_loss, grad_retain, grad_forget, retain_weight, forget_weight):
     scale = _row_scale(is_forget, grad_loss, grad_retain, grad_forget, retain_weight, forget_weight)
-    grad.copy_(grad.float() * scale[:, None])
+    for grad in grads:
+        grad.copy_(grad.float() * scale[:, None])
 
 
 def _impl(name: str, torch_fn, triton_fn: str, native_op: str):
@@ -180,61 +238,64 @@ def _impl(name: str, torch_fn, triton_fn: str, native_op: str):
 
 
 def _forward(
-    student: Tensor, retain_target: Tensor, forget_target: Tensor, is_forget: Tensor,
-    retain_weight: float, forget_weight: float, normalize_set: bool, compute_grad: bool,
-    inplace_backward: bool, backend: str,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(loss, retain_loss, forget_loss, grad) of (rows, cols) inputs, is_forget (rows,) uint8.
+    students: list[Tensor], retain_targets: list[Tensor], forget_targets: list[Tensor], is_forget: Tensor,
+    retain_weight: float, forget_weight: float, normalize: int, compute_grad: bool, inplace_backward: bool,
+    backend: str,
+) -> tuple[Tensor, Tensor, Tensor, list[Tensor]]:
+    """(loss, retain_loss, forget_loss, grads) of (rows, cols_i) inputs, is_forget (rows,) uint8.
 
-    grad is d loss / d student when compute_grad, else empty: the op's gradient workspace. With
-    inplace_backward, eager backward rescales it in place (the caller must not read it); without,
-    backward is functional.
+    grads are d loss / d student_i when compute_grad, else an empty list: the op's gradient
+    workspace. With inplace_backward, eager backward rescales them in place (the caller must not
+    read them); without, backward is functional.
     """
-    name = backends.select("unlearn_loss", backend, student.device)  # every backend takes every input
+    name = backends.select("unlearn_loss", backend, students[0].device, lambda n: _not_supported(n, students))
     return _impl(name, _torch_forward, "forward", "unlearn_loss_forward")(
-        student, retain_target, forget_target, is_forget, retain_weight, forget_weight, normalize_set, compute_grad
-    )
+        students, retain_targets, forget_targets, is_forget, retain_weight, forget_weight, normalize, compute_grad)
 
 
-def _forward_fake(student, retain_target, forget_target, is_forget, retain_weight, forget_weight, normalize_set,
+def _forward_fake(students, retain_targets, forget_targets, is_forget, retain_weight, forget_weight, normalize,
                   compute_grad, inplace_backward, backend):
-    scalar = student.new_empty((), dtype=torch.float32)
-    grad = student.new_empty(student.shape if compute_grad else (0,))
-    return scalar, scalar.clone(), scalar.clone(), grad
+    scalar = students[0].new_empty((), dtype=torch.float32)
+    return scalar, scalar.clone(), scalar.clone(), [torch.empty_like(s) for s in students] if compute_grad else []
 
 
 def _scale_grad(
-    grad: Tensor, is_forget: Tensor, grad_loss: Optional[Tensor], grad_retain: Optional[Tensor],
+    grads: list[Tensor], is_forget: Tensor, grad_loss: Optional[Tensor], grad_retain: Optional[Tensor],
     grad_forget: Optional[Tensor], retain_weight: float, forget_weight: float, backend: str,
 ) -> None:
-    name = backends.select("unlearn_loss backward", backend, grad.device)
+    name = backends.select("unlearn_loss backward", backend, is_forget.device)
     _impl(name, _torch_scale_grad_, "scale_grad_", "unlearn_loss_scale_grad")(
-        grad, is_forget, grad_loss, grad_retain, grad_forget, retain_weight, forget_weight)
+        grads, is_forget, grad_loss, grad_retain, grad_forget, retain_weight, forget_weight)
 
 
 def _setup_context(ctx, inputs, output):
-    _, _, _, is_forget, retain_weight, forget_weight, _, _, inplace_backward, backend = inputs
-    ctx.save_for_backward(output[3], is_forget)
-    ctx.mark_non_differentiable(output[3])
+    students, _, _, is_forget, retain_weight, forget_weight, _, _, inplace_backward, backend = inputs
+    grads = output[3]
+    ctx.tensors = len(students)
+    ctx.save_for_backward(*grads, is_forget)
+    ctx.mark_non_differentiable(*grads)
     ctx.set_materialize_grads(False)  # unused outputs give None, not zero-filled tensors
     ctx.retain_weight, ctx.forget_weight = retain_weight, forget_weight
     ctx.inplace_backward, ctx.backend = inplace_backward, backend
 
 
-def _backward(ctx, grad_loss, grad_retain, grad_forget, _grad_of_grad):
-    grad, is_forget = ctx.saved_tensors
-    grads = (_as_f32(grad_loss), _as_f32(grad_retain), _as_f32(grad_forget), ctx.retain_weight, ctx.forget_weight)
-    if ctx.inplace_backward and type(grad) is torch.Tensor:
-        # Eager: rescale the saved gradient in place, skipped on the device when the scale is 1.
-        # It is consumed: a second backward through the same graph is refused by autograd's
+def _backward(ctx, grad_loss, grad_retain, grad_forget, _grad_of_grads):
+    *grads, is_forget = ctx.saved_tensors
+    scalars = (_as_f32(grad_loss), _as_f32(grad_retain), _as_f32(grad_forget), ctx.retain_weight, ctx.forget_weight)
+    if ctx.inplace_backward and all(type(g) is torch.Tensor for g in grads):
+        # Eager: rescale the saved gradients in place, skipped on the device when the scale is 1.
+        # They are consumed: a second backward through the same graph is refused by autograd's
         # version check ("modified by an inplace operation"); sum the outputs instead.
-        SCALE_GRAD.eager(grad, is_forget, *grads, ctx.backend)
-        torch.autograd.graph.increment_version(grad)  # a Triton kernel's write is invisible to autograd
+        SCALE_GRAD.eager(grads, is_forget, *scalars, ctx.backend)
+        for g in grads:
+            torch.autograd.graph.increment_version(g)  # a Triton kernel's write is invisible to autograd
     else:
         # Traced (torch.compile, export) or asked: a functional multiply. Under torch.compile
         # Inductor fuses it into the consumer of the gradient: no pass of its own either.
-        grad = (grad.float() * _row_scale(is_forget, *grads)[:, None]).to(grad.dtype)
-    return grad, None, None, None, None, None, None, None, None, None
+        scale = _row_scale(is_forget, *scalars)[:, None]
+        grads = [(g.float() * scale).to(g.dtype) for g in grads]
+    none = [None] * ctx.tensors  # the targets' (lists, as the inputs are)
+    return grads, none, list(none), None, None, None, None, None, None, None
 
 
 def _as_f32(g: Optional[Tensor]) -> Optional[Tensor]:
@@ -243,4 +304,23 @@ def _as_f32(g: Optional[Tensor]) -> Optional[Tensor]:
 
 UNLEARN_LOSS = custom.register("unlearn_loss", _forward, _forward_fake, setup_context=_setup_context,
                                backward=_backward)
-SCALE_GRAD = custom.register("unlearn_loss_scale_grad_", _scale_grad, lambda *args: None, mutates_args=("grad",))
+SCALE_GRAD = custom.register("unlearn_loss_scale_grad_", _scale_grad, lambda *args: None, mutates_args=("grads",))
+
+
+class _EagerLoss(torch.autograd.Function):
+    """The eager path of the torch and Triton backends: autograd.Function sees only tensors passed
+    as arguments, so the lists come flat: n students, n retain targets, n forget targets."""
+
+    @staticmethod
+    def forward(ctx, n, rest, compute_grad, backend, *tensors):
+        is_forget, retain_weight, forget_weight, normalize = rest
+        lists = (list(tensors[:n]), list(tensors[n:2 * n]), list(tensors[2 * n:]))
+        inputs = (*lists, is_forget, retain_weight, forget_weight, normalize, compute_grad, True, backend)
+        output = _forward(*inputs)
+        _setup_context(ctx, inputs, output)
+        return output[:3]
+
+    @staticmethod
+    def backward(ctx, grad_loss, grad_retain, grad_forget):
+        grads = _backward(ctx, grad_loss, grad_retain, grad_forget, None)[0]
+        return (None, None, None, None, *grads, *([None] * (2 * ctx.tensors)))
