@@ -23,6 +23,9 @@ constexpr const char* kMaskedPatchEmbedAutogradSchema =
     "masked_patch_embed_autograd(Tensor images, Tensor weight, Tensor? bias, Tensor pos_embed, Tensor ids_keep, "
     "Tensor? cls_token) -> Tensor";
 constexpr const char* kAttentionSchema = "qkv_attention(Tensor qkv, int heads) -> Tensor";
+constexpr const char* kGroupNormSchema =
+    "group_norm_silu(Tensor x, Tensor? weight, Tensor? bias, Tensor? scale, Tensor? shift, int groups, float eps, "
+    "bool silu) -> Tensor";
 
 inline std::optional<at::Tensor> defined(const at::Tensor& t) {
   return t.defined() ? std::optional<at::Tensor>(t) : std::nullopt;
@@ -171,6 +174,45 @@ at::Tensor qkv_attention_autograd(const at::Tensor& qkv, int64_t heads) {
   return AttentionFunction<K>::apply(qkv, heads);
 }
 
+// GroupNorm + scale-shift + SiLU: backward recomputes from x and the saved per-group statistics.
+// The kernel takes dense tensors; the gradients come back for the tensors given, in order.
+template <class K>
+struct GroupNormFunction : torch::autograd::Function<GroupNormFunction<K>> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const std::optional<at::Tensor>& weight,
+                            const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& scale,
+                            const std::optional<at::Tensor>& shift, int64_t groups, double eps, bool silu) {
+    auto dense = [](const std::optional<at::Tensor>& t) { return t ? std::optional(t->contiguous()) : t; };
+    const at::Tensor xd = x.contiguous();
+    auto [y, mean, rstd] = K::group_norm_silu_forward(xd, dense(weight), dense(bias), dense(scale), dense(shift),
+                                                      groups, eps, silu);
+    auto saved = [](const std::optional<at::Tensor>& t) { return t ? *t : at::Tensor(); };
+    ctx->save_for_backward({xd, saved(weight), saved(bias), saved(scale), saved(shift), mean, rstd});
+    ctx->saved_data["groups"] = groups;
+    ctx->saved_data["silu"] = silu;
+    return y;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    auto given = [](const at::Tensor& t) { return t.defined() ? std::optional<at::Tensor>(t.contiguous()) : std::nullopt; };
+    const std::vector<at::Tensor> present = K::group_norm_silu_backward(
+        grads[0].contiguous(), saved[0], given(saved[1]), given(saved[2]), given(saved[3]), given(saved[4]), saved[5],
+        saved[6], ctx->saved_data["groups"].toInt(), ctx->saved_data["silu"].toBool());
+    variable_list out{present[0]};  // then one per optional argument, undefined where it was not given
+    size_t next = 1;
+    for (int i = 1; i <= 4; ++i) out.push_back(saved[i].defined() ? present[next++] : at::Tensor());
+    out.resize(8);  // groups, eps, silu get none
+    return out;
+  }
+};
+
+template <class K>
+at::Tensor group_norm_silu_autograd(const at::Tensor& x, const std::optional<at::Tensor>& weight,
+                                    const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& scale,
+                                    const std::optional<at::Tensor>& shift, int64_t groups, double eps, bool silu) {
+  return GroupNormFunction<K>::apply(x, weight, bias, scale, shift, groups, eps, silu);
+}
+
 // The same ops below autograd (inference mode, where the Autograd kernels are skipped).
 template <class K>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> unlearn_loss_plain(
@@ -184,6 +226,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> unlearn_loss_plain(
 template <class K>
 at::Tensor qkv_attention_plain(const at::Tensor& qkv, int64_t heads) {
   return std::get<0>(K::qkv_attention_forward(qkv.contiguous(), heads));
+}
+
+template <class K>
+at::Tensor group_norm_silu_plain(const at::Tensor& x, const std::optional<at::Tensor>& weight,
+                                 const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& scale,
+                                 const std::optional<at::Tensor>& shift, int64_t groups, double eps, bool silu) {
+  auto dense = [](const std::optional<at::Tensor>& t) { return t ? std::optional(t->contiguous()) : t; };
+  return std::get<0>(K::group_norm_silu_forward(x.contiguous(), dense(weight), dense(bias), dense(scale),
+                                                dense(shift), groups, eps, silu));
 }
 
 }  // namespace fastforget

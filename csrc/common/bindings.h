@@ -5,6 +5,8 @@
 
 #include <vector>
 
+#include "diffusion_inputs.h"
+#include "group_norm.h"
 #include "patch_embed.h"
 #include "teacher_batch.h"
 #include "unlearn_loss.h"
@@ -22,6 +24,20 @@ constexpr const char* kUnlearnLossScaleGradSchema =
 constexpr const char* kTeacherBatchSchema =
     "make_teacher_batch(Tensor images, Tensor is_forget, Tensor stream, int noise, float? clamp_lo, "
     "float? clamp_hi) -> Tensor";
+
+// The diffusion family's step inputs: (student, teacher) from one pass (diffusion_inputs.h).
+constexpr const char* kDiffusionInputsSchema =
+    "make_diffusion_inputs(Tensor y_0, Tensor y_cond, Tensor mask, Tensor gammas, Tensor is_forget, Tensor noise, "
+    "Tensor stream, bool given) -> (Tensor, Tensor)";
+
+// GroupNorm + scale-shift + SiLU (the diffusion UNet's chain): forward saves (mean, rstd) per
+// (image, group); backward returns [dx, then the gradients of the weight, bias, scale, shift given].
+constexpr const char* kGroupNormForwardSchema =
+    "group_norm_silu_forward(Tensor x, Tensor? weight, Tensor? bias, Tensor? scale, Tensor? shift, int groups, "
+    "float eps, bool silu) -> (Tensor, Tensor, Tensor)";
+constexpr const char* kGroupNormBackwardSchema =
+    "group_norm_silu_backward(Tensor grad, Tensor x, Tensor? weight, Tensor? bias, Tensor? scale, Tensor? shift, "
+    "Tensor mean, Tensor rstd, int groups, bool silu) -> Tensor[]";
 
 constexpr const char* kMaskedPatchEmbedSchema =
     "masked_patch_embed(Tensor images, Tensor weight, Tensor? bias, Tensor pos_embed, Tensor ids_keep, "
@@ -110,6 +126,86 @@ inline TeacherBatchArgs teacher_batch_args(const at::Tensor& images, const at::T
                           forget_flags(is_forget, images), images.size(0), images.numel() / images.size(0),
                           stream.data_ptr<int64_t>(), Noise(noise), clamp_lo.has_value(),
                           float(clamp_lo.value_or(0.0)), float(clamp_hi.value_or(1.0))};
+}
+
+// Checks the diffusion inputs' tensors (contiguous; y_0 (B, C, H, W) and y_cond (B, Cc, H, W) of one
+// dtype; mask (B, 1 or C, H, W) uint8; gammas (B,) float32; noise y_0's shape when given; the
+// stream two int64) and allocates the outputs.
+inline DiffusionInputsArgs diffusion_inputs_args(const at::Tensor& y_0, const at::Tensor& y_cond,
+                                                 const at::Tensor& mask, const at::Tensor& gammas,
+                                                 const at::Tensor& is_forget, const at::Tensor& noise,
+                                                 const at::Tensor& stream, bool given, at::Tensor& student,
+                                                 at::Tensor& teacher) {
+  TORCH_CHECK(y_0.dim() == 4 && y_0.numel() > 0 && y_0.is_contiguous(), "y_0 must be contiguous (B, C, H, W)");
+  const int64_t batch = y_0.size(0), channels = y_0.size(1), positions = y_0.size(2) * y_0.size(3);
+  TORCH_CHECK(y_cond.dim() == 4 && y_cond.size(0) == batch && y_cond.size(2) == y_0.size(2) &&
+                  y_cond.size(3) == y_0.size(3) && y_cond.is_contiguous() && y_cond.scalar_type() == y_0.scalar_type(),
+              "y_cond must be contiguous (", batch, ", Cc, H, W) of y_0's dtype, got ", y_cond.sizes());
+  TORCH_CHECK(mask.dim() == 4 && mask.size(0) == batch && (mask.size(1) == 1 || mask.size(1) == channels) &&
+                  mask.size(2) == y_0.size(2) && mask.size(3) == y_0.size(3) && mask.is_contiguous() &&
+                  mask.scalar_type() == at::kByte,
+              "mask must be contiguous uint8 (", batch, ", 1 or ", channels, ", H, W), got ", mask.sizes());
+  TORCH_CHECK(gammas.numel() == batch && gammas.is_contiguous() && gammas.scalar_type() == at::kFloat,
+              "gammas must be contiguous float32 (", batch, ",)");
+  TORCH_CHECK(!given || (noise.sizes() == y_0.sizes() && noise.is_contiguous()), "noise must be contiguous ",
+              y_0.sizes());
+  TORCH_CHECK(stream.numel() == 2 && stream.scalar_type() == at::kLong && stream.is_contiguous(),
+              "stream must be two int64 (seed, first element)");
+  for (const auto& [t, name] : {std::pair{&y_cond, "y_cond"}, {&mask, "mask"}, {&gammas, "gammas"},
+                                {&is_forget, "is_forget"}, {&stream, "stream"}})
+    TORCH_CHECK(t->device() == y_0.device(), name, " must be on ", y_0.device());
+  const std::vector<int64_t> shape{batch, y_cond.size(1) + channels, y_0.size(2), y_0.size(3)};
+  student = at::empty(shape, y_0.options());
+  teacher = at::empty(shape, y_0.options());
+  return DiffusionInputsArgs{y_0.data_ptr(), y_cond.data_ptr(), dtype_of(y_0, "y_0"),
+                             given ? noise.data_ptr() : nullptr, given ? dtype_of(noise, "noise") : DType::kFloat32,
+                             mask.data_ptr<uint8_t>(), mask.size(1), gammas.data_ptr<float>(),
+                             forget_flags(is_forget, y_0), stream.data_ptr<int64_t>(), student.data_ptr(),
+                             teacher.data_ptr(), batch, channels, y_cond.size(1), positions};
+}
+
+// Checks the group norm's inputs (x (B, C, ...) contiguous with C a multiple of groups; weight and
+// bias (C,) of one dtype; scale and shift (B, C) of one dtype; all on x's device) and points the
+// kernel arguments at them; outputs and statistics are filled in by the caller.
+inline GroupNormArgs group_norm_args(const at::Tensor& x, const std::optional<at::Tensor>& weight,
+                                     const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& scale,
+                                     const std::optional<at::Tensor>& shift, int64_t groups, double eps, bool silu) {
+  TORCH_CHECK(x.dim() >= 2 && x.numel() > 0 && x.is_contiguous() && groups > 0 && x.size(1) % groups == 0,
+              "x must be a non-empty contiguous (B, C, ...) tensor with C a multiple of groups ", groups, ", got ",
+              x.sizes());
+  const int64_t batch = x.size(0), channels = x.size(1);
+  auto check = [&](const std::optional<at::Tensor>& t, const char* name, std::vector<int64_t> shape) {
+    if (!t.has_value()) return;
+    TORCH_CHECK(t->is_contiguous() && t->device() == x.device() && t->sizes() == at::IntArrayRef(shape), name,
+                " must be contiguous ", at::IntArrayRef(shape), " on ", x.device(), ", got ", t->sizes());
+  };
+  check(weight, "weight", {channels});
+  check(bias, "bias", {channels});
+  check(scale, "scale", {batch, channels});
+  check(shift, "shift", {batch, channels});
+  TORCH_CHECK(!(weight && bias) || weight->scalar_type() == bias->scalar_type(), "weight and bias must share a dtype");
+  TORCH_CHECK(!(scale && shift) || scale->scalar_type() == shift->scalar_type(), "scale and shift must share a dtype");
+  auto ptr = [](const std::optional<at::Tensor>& t) { return t ? t->data_ptr() : nullptr; };
+  auto dtype = [](const std::optional<at::Tensor>& a, const std::optional<at::Tensor>& b) {
+    const std::optional<at::Tensor>& t = a ? a : b;
+    return t ? dtype_of(*t, "parameter") : DType::kFloat32;
+  };
+  GroupNormArgs args{};
+  args.x = x.data_ptr();
+  args.x_dtype = dtype_of(x, "x");
+  args.weight = ptr(weight);
+  args.bias = ptr(bias);
+  args.param_dtype = dtype(weight, bias);
+  args.scale = ptr(scale);
+  args.shift = ptr(shift);
+  args.film_dtype = dtype(scale, shift);
+  args.batch = batch;
+  args.channels = channels;
+  args.positions = x.numel() / (batch * channels);
+  args.groups = groups;
+  args.eps = float(eps);
+  args.silu = silu;
+  return args;
 }
 
 // The masked-patch encoding, given how this device gathers: checks the inputs (contiguous images

@@ -5,35 +5,13 @@
 #include <vector>
 
 #include "scalar.h"
+#include "vec.h"
 
 namespace fastforget {
 namespace {
 
-// GCC/Clang vector extensions: 16 floats, one AVX-512 register (two AVX2 ones), written once for
-// every ISA. A pair's tiles are padded with zeros to whole vectors: keys to kv = 16 nv, features
-// to 16 hv; the padded keys' probabilities are forced to zero, the padded features add nothing.
-typedef float vec __attribute__((vector_size(64)));
-typedef int32_t ivec __attribute__((vector_size(64)));
-constexpr int64_t kLanes = 16;
-inline vec splat(float f) { return vec{} + f; }
-inline int64_t vecs(int64_t n) { return (n + kLanes - 1) / kLanes; }
-
-// e^x for the softmax's x <= 0, branch-free (Cephes' expf): x = k ln2 + r, a polynomial for e^r,
-// 2^k through the exponent bits. Below -87 it gives e^-87 (1.6e-38, still a normal float) instead
-// of less: beside the row's largest term, 1, the sum is the same. NaN stays NaN.
-inline vec exp_nonpositive(vec x) {
-  x = x < -87.0f ? splat(-87.0f) : x;
-  const vec shifted = x * 1.44269504088896341f + 12582912.0f;  // + 1.5 * 2^23: k = round(x / ln2) in the low bits
-  const vec k = shifted - 12582912.0f;
-  const vec r = (x - k * 0.693359375f) + k * 2.12194440e-4f;  // ln2 in two parts: r exact to float
-  vec p = splat(1.9875691500e-4f);
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  return (p * r * r + r + 1.0f) * (vec)((((ivec)shifted - 0x4B400000) + 127) << 23);
-}
+// A pair's tiles are padded with zeros to whole vectors (vec.h): keys to kv = 16 nv, features to
+// 16 hv; the padded keys' probabilities are forced to zero, the padded features add nothing.
 
 // Horizontal sums and maxima of RB vectors at once, in a fixed order (the same at any thread
 // count). Four vectors share each shuffle: 8 shuffles for 4 results where one at a time takes 16.

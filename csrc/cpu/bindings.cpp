@@ -12,6 +12,8 @@
 #include "../common/autograd.h"
 #include "../common/bindings.h"
 #include "attention.h"
+#include "diffusion_inputs.h"
+#include "group_norm.h"
 #include "patch_embed.h"
 #include "teacher_batch.h"
 #include "unlearn_loss.h"
@@ -156,6 +158,77 @@ at::Tensor masked_patch_embed(const at::Tensor& images, const at::Tensor& weight
   });
 }
 
+std::tuple<at::Tensor, at::Tensor> make_diffusion_inputs(const at::Tensor& y_0, const at::Tensor& y_cond,
+                                                         const at::Tensor& mask, const at::Tensor& gammas,
+                                                         const at::Tensor& is_forget, const at::Tensor& noise,
+                                                         const at::Tensor& stream, bool given) {
+  TORCH_CHECK(y_0.device().is_cpu(), "y_0 must be on the CPU, got ", y_0.device());
+  at::Tensor student, teacher;
+  const DiffusionInputsArgs args = diffusion_inputs_args(y_0, y_cond, mask, gammas, is_forget, noise, stream, given,
+                                                         student, teacher);
+  const int64_t image_elems = (args.channels + args.cond_channels) * args.positions;
+  at::parallel_for(0, args.batch, std::max<int64_t>(1, (1 << 16) / image_elems), [&](int64_t begin, int64_t end) {
+    diffusion_inputs_images(args, begin, end);
+  });
+  return {student, teacher};
+}
+
+// One task per (image, group) pair; enough pairs per job that scheduling costs nothing.
+int64_t pair_grain(const GroupNormArgs& a) {
+  return std::max<int64_t>(1, (1 << 15) / std::max<int64_t>(1, a.channels / a.groups * a.positions));
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_silu_forward(
+    const at::Tensor& x, const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
+    const std::optional<at::Tensor>& scale, const std::optional<at::Tensor>& shift, int64_t groups, double eps,
+    bool silu) {
+  TORCH_CHECK(x.device().is_cpu(), "x must be on the CPU, got ", x.device());
+  GroupNormArgs args = group_norm_args(x, weight, bias, scale, shift, groups, eps, silu);
+  at::Tensor y = at::empty_like(x);
+  at::Tensor mean = at::empty({args.batch, groups}, x.options().dtype(at::kFloat)), rstd = at::empty_like(mean);
+  args.y = y.data_ptr();
+  args.mean = mean.data_ptr<float>();
+  args.rstd = rstd.data_ptr<float>();
+  at::parallel_for(0, args.batch * groups, pair_grain(args), [&](int64_t begin, int64_t end) {
+    group_norm_forward_pairs(args, begin, end);
+  });
+  return {y, mean, rstd};
+}
+
+std::vector<at::Tensor> group_norm_silu_backward(
+    const at::Tensor& grad, const at::Tensor& x, const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& scale,
+    const std::optional<at::Tensor>& shift, const at::Tensor& mean, const at::Tensor& rstd, int64_t groups,
+    bool silu) {
+  TORCH_CHECK(x.device().is_cpu(), "x must be on the CPU, got ", x.device());
+  GroupNormArgs args = group_norm_args(x, weight, bias, scale, shift, groups, 0.0, silu);
+  TORCH_CHECK(grad.sizes() == x.sizes() && grad.is_contiguous() && grad.scalar_type() == x.scalar_type(),
+              "grad must be contiguous with x's shape and dtype");
+  TORCH_CHECK(mean.numel() == args.batch * groups && rstd.numel() == mean.numel() && mean.scalar_type() == at::kFloat &&
+                  rstd.scalar_type() == at::kFloat && mean.is_contiguous() && rstd.is_contiguous(),
+              "mean and rstd must be contiguous float32 (B, groups)");
+  at::Tensor dx = at::empty_like(x);
+  const auto f32 = x.options().dtype(at::kFloat);
+  at::Tensor sums = at::empty({4, args.batch, args.channels}, f32);  // per (image, channel): see GroupNormArgs
+  args.mean = const_cast<float*>(mean.data_ptr<float>());
+  args.rstd = const_cast<float*>(rstd.data_ptr<float>());
+  args.dy = grad.data_ptr();
+  args.dx = dx.data_ptr();
+  args.d_weight = sums[0].data_ptr<float>();
+  args.d_bias = sums[1].data_ptr<float>();
+  args.d_scale = sums[2].data_ptr<float>();
+  args.d_shift = sums[3].data_ptr<float>();
+  at::parallel_for(0, args.batch * groups, pair_grain(args), [&](int64_t begin, int64_t end) {
+    group_norm_backward_pairs(args, begin, end);
+  });
+  std::vector<at::Tensor> grads{dx};  // the weight's and bias's: summed over images in a fixed order
+  if (weight) grads.push_back(sums[0].sum(0).to(weight->scalar_type()));
+  if (bias) grads.push_back(sums[1].sum(0).to(bias->scalar_type()));
+  if (scale) grads.push_back(sums[2].to(scale->scalar_type()));
+  if (shift) grads.push_back(sums[3].to(shift->scalar_type()));
+  return grads;
+}
+
 // Attention over a packed qkv projection: CPU only (see attention.h), so its schemas live here.
 constexpr const char* kAttentionForwardSchema = "qkv_attention_forward(Tensor qkv, int heads) -> (Tensor, Tensor)";
 constexpr const char* kAttentionBackwardSchema =
@@ -219,6 +292,8 @@ struct Kernels {  // for autograd.h
   static constexpr auto masked_patch_embed = &fastforget::masked_patch_embed;
   static constexpr auto qkv_attention_forward = &fastforget::qkv_attention_forward;
   static constexpr auto qkv_attention_backward = &fastforget::qkv_attention_backward;
+  static constexpr auto group_norm_silu_forward = &fastforget::group_norm_silu_forward;
+  static constexpr auto group_norm_silu_backward = &fastforget::group_norm_silu_backward;
 };
 
 }  // namespace
@@ -234,6 +309,10 @@ TORCH_LIBRARY(fastforget_cpu, m) {
   m.def(fastforget::kMaskedPatchEmbedSchema);
   m.def(fastforget::kAttentionForwardSchema);
   m.def(fastforget::kAttentionBackwardSchema);
+  m.def(fastforget::kDiffusionInputsSchema);
+  m.def(fastforget::kGroupNormForwardSchema);
+  m.def(fastforget::kGroupNormBackwardSchema);
+  m.def(fastforget::kGroupNormSchema);
 }
 
 TORCH_LIBRARY_IMPL(fastforget_cpu, CPU, m) {
@@ -243,6 +322,9 @@ TORCH_LIBRARY_IMPL(fastforget_cpu, CPU, m) {
   m.impl("unlearn_loss_scale_grad", &fastforget::unlearn_loss_scale_grad);
   m.impl("qkv_attention_forward", &fastforget::qkv_attention_forward);
   m.impl("qkv_attention_backward", &fastforget::qkv_attention_backward);
+  m.impl("make_diffusion_inputs", &fastforget::make_diffusion_inputs);
+  m.impl("group_norm_silu_forward", &fastforget::group_norm_silu_forward);
+  m.impl("group_norm_silu_backward", &fastforget::group_norm_silu_backward);
 }
 
 // The eager path's ops: autograd in C++ (autograd.h), and the same below autograd.
@@ -250,10 +332,12 @@ TORCH_LIBRARY_IMPL(fastforget_cpu, Autograd, m) {
   m.impl("unlearn_loss", &fastforget::unlearn_loss_autograd<fastforget::Kernels>);
   m.impl("masked_patch_embed_autograd", &fastforget::masked_patch_embed_autograd<fastforget::Kernels>);
   m.impl("qkv_attention", &fastforget::qkv_attention_autograd<fastforget::Kernels>);
+  m.impl("group_norm_silu", &fastforget::group_norm_silu_autograd<fastforget::Kernels>);
 }
 
 TORCH_LIBRARY_IMPL(fastforget_cpu, CPU, m) {
   m.impl("unlearn_loss", &fastforget::unlearn_loss_plain<fastforget::Kernels>);
   m.impl("masked_patch_embed_autograd", &fastforget::masked_patch_embed_dense<fastforget::Kernels>);
   m.impl("qkv_attention", &fastforget::qkv_attention_plain<fastforget::Kernels>);
+  m.impl("group_norm_silu", &fastforget::group_norm_silu_plain<fastforget::Kernels>);
 }

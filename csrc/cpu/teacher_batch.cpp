@@ -38,12 +38,42 @@ Moments chunk_moments(const T* x, int64_t n) {
   return Moments{double(n), mean, deviations};
 }
 
+template <typename T>
+void rows_impl(const TeacherBatchArgs& a, float mean, float std, int64_t row_begin, int64_t row_end) {
+  const T* in = static_cast<const T*>(a.images);
+  T* out = static_cast<T*>(a.out);
+  const float lo = a.clamp ? a.clamp_lo : 0.0f, hi = a.clamp ? a.clamp_hi : 1.0f;
+  const float clamp_lo = a.clamp ? a.clamp_lo : -INFINITY, clamp_hi = a.clamp ? a.clamp_hi : INFINITY;
+  // value = raw * scale + shift: normal z * std + mean, uniform lo + u (hi - lo), constant mean
+  const float scale = a.noise == Noise::kNormal ? std : a.noise == Noise::kUniform ? hi - lo : 0.0f;
+  const float shift = a.noise == Noise::kUniform ? lo : mean;
+  const uint64_t seed = uint64_t(a.stream[0]), first = uint64_t(a.stream[1]);
+  alignas(64) float raw[kNoiseBlock] = {};
+  for (int64_t row = row_begin; row < row_end; ++row) {
+    const int64_t base = row * a.row_numel;  // 64-bit: batches pass 2^31 elements
+    if (!a.is_forget[row]) {  // retain rows: bit for bit
+      std::memcpy(out + base, in + base, sizeof(T) * size_t(a.row_numel));
+      continue;
+    }
+    for (int64_t j = 0; j < a.row_numel; j += kNoiseBlock) {
+      const int64_t n = std::min(kNoiseBlock, a.row_numel - j);
+      if (a.noise != Noise::kConstant) philox_noise_block(a.noise, first + uint64_t(base + j), n, seed, raw);
+      T* dst = out + base + j;
+#pragma omp simd
+      for (int64_t k = 0; k < n; ++k) {
+        const float v = raw[k] * scale + shift;
+        dst[k] = from_float<T>(std::min(std::max(v, clamp_lo), clamp_hi));
+      }
+    }
+  }
+}
+
+}  // namespace
+
 // Noise in blocks the compiler vectorises: Philox over consecutive counters as plain loops, and
 // Box-Muller's log and cos as branch-free polynomials (Cephes' logf and sinf/cosf), since the
 // C library's scalar calls cost more than everything else here. Element i of the stream is the
 // same value philox.h's normal_noise / uniform_noise give, to within a few float ulps.
-constexpr int64_t kNoiseBlock = 256;  // elements per block
-
 inline float log_unit(float u) {  // u in [2^-24, 1]
   const uint32_t bits = float_bits(u);
   float e = float(int32_t(bits >> 23) - 126);
@@ -89,7 +119,7 @@ inline void philox_block(uint64_t first, int64_t n, uint64_t seed, uint32_t (*r)
 }
 
 // z[0, n) = the raw noise (standard normal, or uniform in [0, 1)) of stream elements [i0, i0 + n).
-void noise_block(Noise noise, uint64_t i0, int64_t n, uint64_t seed, float* z) {
+void philox_noise_block(Noise noise, uint64_t i0, int64_t n, uint64_t seed, float* z) {
   alignas(64) uint32_t r[4][kNoiseBlock];
   if (noise == Noise::kNormal) {  // element i: pair i >> 1, lanes (0, 1) even, (2, 3) odd
     const uint64_t p0 = i0 >> 1;
@@ -118,37 +148,9 @@ void noise_block(Noise noise, uint64_t i0, int64_t n, uint64_t seed, float* z) {
   }
 }
 
-template <typename T>
-void rows_impl(const TeacherBatchArgs& a, float mean, float std, int64_t row_begin, int64_t row_end) {
-  const T* in = static_cast<const T*>(a.images);
-  T* out = static_cast<T*>(a.out);
-  const float lo = a.clamp ? a.clamp_lo : 0.0f, hi = a.clamp ? a.clamp_hi : 1.0f;
-  const float clamp_lo = a.clamp ? a.clamp_lo : -INFINITY, clamp_hi = a.clamp ? a.clamp_hi : INFINITY;
-  // value = raw * scale + shift: normal z * std + mean, uniform lo + u (hi - lo), constant mean
-  const float scale = a.noise == Noise::kNormal ? std : a.noise == Noise::kUniform ? hi - lo : 0.0f;
-  const float shift = a.noise == Noise::kUniform ? lo : mean;
-  const uint64_t seed = uint64_t(a.stream[0]), first = uint64_t(a.stream[1]);
-  alignas(64) float raw[kNoiseBlock] = {};
-  for (int64_t row = row_begin; row < row_end; ++row) {
-    const int64_t base = row * a.row_numel;  // 64-bit: batches pass 2^31 elements
-    if (!a.is_forget[row]) {  // retain rows: bit for bit
-      std::memcpy(out + base, in + base, sizeof(T) * size_t(a.row_numel));
-      continue;
-    }
-    for (int64_t j = 0; j < a.row_numel; j += kNoiseBlock) {
-      const int64_t n = std::min(kNoiseBlock, a.row_numel - j);
-      if (a.noise != Noise::kConstant) noise_block(a.noise, first + uint64_t(base + j), n, seed, raw);
-      T* dst = out + base + j;
-#pragma omp simd
-      for (int64_t k = 0; k < n; ++k) {
-        const float v = raw[k] * scale + shift;
-        dst[k] = from_float<T>(std::min(std::max(v, clamp_lo), clamp_hi));
-      }
-    }
-  }
+void philox_normal_block(uint64_t i0, int64_t n, uint64_t seed, float* z) {
+  philox_noise_block(Noise::kNormal, i0, n, seed, z);
 }
-
-}  // namespace
 
 void teacher_batch_moments(const void* images, DType dtype, int64_t numel, int64_t chunk_begin, int64_t chunk_end,
                            Moments* moments) {

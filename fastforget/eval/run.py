@@ -36,12 +36,12 @@ def check_tasks(family, tasks, ratio: float) -> None:
 
 @torch.no_grad()
 def evaluate(models: dict, sets: dict, extractor: Extractor, tasks=None, ratio: float = 0.5,
-             out: Optional[str] = None, batch_size: int = 256, seeds=(0,)) -> dict:
+             out: Optional[str] = None, batch_size: int = 256, seeds=(0,), sample_steps: Optional[int] = None) -> dict:
     """report[task][model][set] = {mse, psnr, fid, is_mean, is_std, cosine, accuracy}; files under out.
     tasks: the models' family's by default. Each model completes its images batch_size at a time
     on its own device, once per seed (a sampler's randomness); each metric is the mean over the
-    seeds, with its values per seed under "<metric>_seeds" when there are several. The metrics are
-    computed on the CPU."""
+    seeds, with its values per seed under "<metric>_seeds" when there are several. sample_steps: a
+    sampler's strided schedule (faster; not the reference's). The metrics are computed on the CPU."""
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise InvalidValue(f"batch_size (--batch-size) must be an int >= 1, got {batch_size!r}")
     family = families.of(next(iter(models.values())))
@@ -58,7 +58,7 @@ def evaluate(models: dict, sets: dict, extractor: Extractor, tasks=None, ratio: 
             for s in SETS:
                 runs = []
                 for seed in seeds:
-                    output = _complete_all(model, sets[s].images, task, ratio, seed, batch_size)
+                    output = _complete_all(model, sets[s].images, task, ratio, seed, batch_size, sample_steps)
                     generated.setdefault((task, name, s), output)  # the first seed's, for the pictures
                     runs.append(_scores(output, sets[s], model, task, ratio, extractor, truth[s][0]))
                 report[task][name][s] = _mean_over_seeds(runs)
@@ -94,16 +94,18 @@ def _mean_over_seeds(runs: list[dict]) -> dict:
     return row
 
 
-def _complete_all(model, images: Tensor, task: str, ratio: float, seed: int, batch_size: int) -> Tensor:
+def _complete_all(model, images: Tensor, task: str, ratio: float, seed: int, batch_size: int,
+                  steps: Optional[int]) -> Tensor:
     """The family's completion of images in batches on the model's device; the results on the CPU."""
     family = families.of(model)
     device = next(model.parameters()).device
-    return torch.cat([family.complete(model, chunk.to(device), task, ratio, seed + 1_000_003 * k).cpu()
+    return torch.cat([family.complete(model, chunk.to(device), task, ratio, seed + 1_000_003 * k, steps).cpu()
                       for k, chunk in enumerate(images.split(batch_size))])
 
 
 def evaluate_checkpoints(checkpoints: dict, data: str, forget, retain, tasks, ratio: float, features: str,
-                         out: str, device: Optional[str] = None, batch_size: int = 256, seeds=(0,)) -> dict:
+                         out: str, device: Optional[str] = None, batch_size: int = 256, seeds=(0,),
+                         sample_steps: Optional[int] = None) -> dict:
     """`fastforget eval`: models by checkpoint path (the first is the original), sets by class, on
     device (default: CUDA when present)."""
     from ..train import data as data_lib
@@ -131,7 +133,8 @@ def evaluate_checkpoints(checkpoints: dict, data: str, forget, retain, tasks, ra
         sets[s] = dataclasses.replace(decoded, images=data_lib.unit_float(decoded.images))
         if len(sets[s]) < 10:
             raise InvalidValue(f"the {s} classes {list(names)} have {len(sets[s])} test images; 10 at least")
-    report = evaluate(models, sets, extractor(features, original, device), tasks, ratio, out, batch_size, seeds)
+    report = evaluate(models, sets, extractor(features, original, device), tasks, ratio, out, batch_size, seeds,
+                      sample_steps)
     print(markdown(report))
     return report
 
@@ -177,8 +180,14 @@ def _grid(models, sets, task, ratio, generated, path, per_set: int = 6) -> None:
     rows = [("ground truth", truth), ("input", truth * (1 - region) + 0.5 * region)]
     rows += [(name, torch.cat([generated[(task, name, s)][:per_set] for s in ("forget", "retain")]))
              for name in models]
-    groups = [(f"{s} set", min(per_set, len(sets[s]))) for s in ("forget", "retain")]
+    groups = [(f"{s} set{_classes(sets[s])}", min(per_set, len(sets[s]))) for s in ("forget", "retain")]
     save_grid(path, rows, groups, title=f"{task}: the removed region grey in the input; each model fills it in")
+
+
+def _classes(data) -> str:
+    """' (digits 0, 1)'-like: the set's classes when they are few enough to name."""
+    names = [data.classes[c] for c in data.labels.unique().tolist()] if data.classes else []
+    return f" ({', '.join(names)})" if 0 < len(names) <= 6 else ""
 
 
 def _tsne(extractor, sets, generated, task, models, path, per_set: int = 150) -> None:

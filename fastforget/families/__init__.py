@@ -10,8 +10,9 @@ from ..errors import InvalidValue
 from ..weights import load_weights
 from .base import Family, Recipe
 from .mae import MAE
+from .palette import Palette
 
-FAMILIES: dict[str, Family] = {f.name: f for f in (MAE(),)}
+FAMILIES: dict[str, Family] = {f.name: f for f in (MAE(), Palette())}
 
 
 def get(name: str) -> Family:

@@ -133,9 +133,10 @@ class Family:
         """(1, 1, H, W) float: 1 where the task removes the image."""
         raise NotImplementedError
 
-    def complete(self, model: nn.Module, images: Tensor, task: str, ratio: float, seed: int) -> Tensor:
+    def complete(self, model: nn.Module, images: Tensor, task: str, ratio: float, seed: int,
+                 steps: Optional[int] = None) -> Tensor:
         """The model's completion of images (in [0, 1]) for the task: the given pixels kept, the
-        removed region generated (seed fixes any randomness)."""
+        removed region generated (seed fixes any randomness; steps: a sampler's, where it has one)."""
         raise NotImplementedError
 
     def embed(self, model: nn.Module, images: Tensor) -> Tensor:

@@ -218,7 +218,7 @@ class MAE(Family):
         return model.unpatchify(per_patch.expand(1, -1, model.patch_size ** 2 * channels))[:, :1]
 
     @torch.no_grad()
-    def complete(self, model, images: Tensor, task: str, ratio: float, seed: int) -> Tensor:
+    def complete(self, model, images: Tensor, task: str, ratio: float, seed: int, steps=None) -> Tensor:
         removed = self.removed_patches(model, task, ratio)
         batch = images.shape[0]
         order = torch.cat([(~removed).nonzero()[:, 0], removed.nonzero()[:, 0]]).to(images.device)

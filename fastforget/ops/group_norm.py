@@ -37,6 +37,8 @@ def group_norm_silu(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
     if custom.traced():
         return GROUP_NORM.op(*args, requested)[0]
     name = backends.select("group_norm_silu", requested, x.device)
+    if name in backends.native.EXTENSIONS:  # autograd in C++
+        return backends.native.ops(name).group_norm_silu(*args)
     return GROUP_NORM.eager(*args, name)[0]
 
 
