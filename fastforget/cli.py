@@ -155,6 +155,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--ratio", type=float, default=0.5, help="side of the centre square, as a fraction")
     ev.add_argument("--features", default="digits", help="digits, encoder or inception:PATH")
     ev.add_argument("--seeds", type=count, default=1, help="sampler seeds; each metric is their mean")
+    ev.add_argument("--sample-steps", type=count, default=None,
+                    help="diffusion models: a strided schedule of N steps (faster; not the reference's sampler, "
+                         "which takes every step of the model's own schedule)")
     ev.add_argument("--out", default="eval-out")
     ev.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
     ev.add_argument("--batch-size", type=int, default=256, help="images per model call")
@@ -225,7 +228,8 @@ def run(args: argparse.Namespace) -> int:
             raise InvalidValue(f"--models must be NAME=CHECKPOINT,... (the first the original model), got {args.models!r}")
         evaluate_checkpoints(dict(pairs), args.data, split(args.forget_classes), split(args.retain_classes),
                              None if args.task == "all" else (args.task,), args.ratio, args.features, args.out,
-                             args.device, args.batch_size, seeds=tuple(range(args.seeds)))
+                             args.device, args.batch_size, seeds=tuple(range(args.seeds)),
+                             sample_steps=args.sample_steps)
         return 0
     if args.command == "sweep":
         from .train.sweep import run as run_sweep
