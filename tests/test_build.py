@@ -24,6 +24,8 @@ def test_cuda_extension_compiles():
     assert hasattr(native.ops("cuda"), "unlearn_loss_forward")
     assert hasattr(native.ops("cuda"), "unlearn_loss_scale_grad")
     assert hasattr(native.ops("cuda"), "make_teacher_batch")
+    for name in ("make_diffusion_inputs", "group_norm_silu_forward", "group_norm_silu_backward", "group_norm_silu"):
+        assert hasattr(native.ops("cuda"), name), name
 
 
 def test_triton_kernels_compile_for_sm90_with_wide_accesses():
@@ -45,6 +47,14 @@ def test_triton_kernels_compile_for_sm90_with_wide_accesses():
     assert len(teacher_out) == 18 and all("st.global.v4" in line for line in teacher_out)
     patch = [line for line in lines if line.startswith("patch_embed_kernel")]
     assert len(patch) == 20
+    # group norm: 3 dtypes x FiLM or not x SiLU or not x the shortest and longest channel step, each
+    # with wide accesses (16 bytes of float32, 8 of a 16-bit dtype: four lanes a thread)
+    for name in ("norm_forward_kernel", "norm_backward_kernel"):
+        norm = [line for line in lines if line.startswith(name)]
+        assert len(norm) == 24 and all(("ld.global.v4" in line and "st.global.v4" in line) if "*fp32" in line
+                                       else ("ld.global.v2" in line and "st.global.v2" in line) for line in norm)
+    inputs = [line for line in lines if line.startswith("inputs_kernel")]
+    assert len(inputs) == 6 and all("st.global.v4" in line for line in inputs)
     # Hopper's tensor-core instruction for every 16-bit and tf32 variant.
     assert all("wgmma.mma_async" in line for line in patch if "*bf16" in line or "*fp16" in line or "tf32" in line)
 

@@ -208,6 +208,57 @@ inline GroupNormArgs group_norm_args(const at::Tensor& x, const std::optional<at
   return args;
 }
 
+// Forward's outputs (y like x; mean and rstd (B, groups) float32), with args pointed at them.
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_outputs(GroupNormArgs& args, const at::Tensor& x) {
+  at::Tensor y = at::empty_like(x);
+  at::Tensor mean = at::empty({args.batch, args.groups}, x.options().dtype(at::kFloat)), rstd = at::empty_like(mean);
+  args.y = y.data_ptr();
+  args.mean = mean.data_ptr<float>();
+  args.rstd = rstd.data_ptr<float>();
+  return {y, mean, rstd};
+}
+
+// Backward's buffers: checks grad, mean and rstd, allocates dx and the (4, B, C) float32 sums
+// GroupNormArgs describes, and points args at them all. Returns {dx, sums}.
+inline std::pair<at::Tensor, at::Tensor> group_norm_backward_buffers(GroupNormArgs& args, const at::Tensor& grad,
+                                                                     const at::Tensor& x, const at::Tensor& mean,
+                                                                     const at::Tensor& rstd) {
+  TORCH_CHECK(grad.sizes() == x.sizes() && grad.is_contiguous() && grad.scalar_type() == x.scalar_type() &&
+                  grad.device() == x.device(),
+              "grad must be contiguous with x's shape, dtype and device");
+  TORCH_CHECK(mean.numel() == args.batch * args.groups && rstd.numel() == mean.numel() &&
+                  mean.scalar_type() == at::kFloat && rstd.scalar_type() == at::kFloat && mean.is_contiguous() &&
+                  rstd.is_contiguous() && mean.device() == x.device() && rstd.device() == x.device(),
+              "mean and rstd must be contiguous float32 (B, groups) on ", x.device());
+  at::Tensor dx = at::empty_like(x);
+  at::Tensor sums = at::empty({4, args.batch, args.channels}, x.options().dtype(at::kFloat));
+  args.mean = const_cast<float*>(mean.data_ptr<float>());
+  args.rstd = const_cast<float*>(rstd.data_ptr<float>());
+  args.dy = grad.data_ptr();
+  args.dx = dx.data_ptr();
+  args.d_weight = sums[0].data_ptr<float>();
+  args.d_bias = sums[1].data_ptr<float>();
+  args.d_scale = sums[2].data_ptr<float>();
+  args.d_shift = sums[3].data_ptr<float>();
+  return {dx, sums};
+}
+
+// [dx, then the gradients of the weight, bias, scale and shift given] from backward's sums: the
+// weight's and bias's summed over images in a fixed order; each its parameter's dtype, a copy
+// (outputs of a custom op never share storage).
+inline std::vector<at::Tensor> group_norm_grads(const at::Tensor& dx, const at::Tensor& sums,
+                                                const std::optional<at::Tensor>& weight,
+                                                const std::optional<at::Tensor>& bias,
+                                                const std::optional<at::Tensor>& scale,
+                                                const std::optional<at::Tensor>& shift) {
+  std::vector<at::Tensor> grads{dx};
+  if (weight) grads.push_back(sums[0].sum(0).to(weight->scalar_type()));
+  if (bias) grads.push_back(sums[1].sum(0).to(bias->scalar_type()));
+  if (scale) grads.push_back(sums[2].to(scale->scalar_type(), false, true));
+  if (shift) grads.push_back(sums[3].to(shift->scalar_type(), false, true));
+  return grads;
+}
+
 // The masked-patch encoding, given how this device gathers: checks the inputs (contiguous images
 // (B, C, H, W), weight (D, C, p, p), pos (1, 1 + L, D), ids (B, K) int64; bias and cls optional,
 // parameters of one dtype), gathers the kept patches with their epilogue rows, then one GEMM

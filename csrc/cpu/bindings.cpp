@@ -184,15 +184,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_silu_forward(
     bool silu) {
   TORCH_CHECK(x.device().is_cpu(), "x must be on the CPU, got ", x.device());
   GroupNormArgs args = group_norm_args(x, weight, bias, scale, shift, groups, eps, silu);
-  at::Tensor y = at::empty_like(x);
-  at::Tensor mean = at::empty({args.batch, groups}, x.options().dtype(at::kFloat)), rstd = at::empty_like(mean);
-  args.y = y.data_ptr();
-  args.mean = mean.data_ptr<float>();
-  args.rstd = rstd.data_ptr<float>();
+  auto outputs = group_norm_outputs(args, x);
   at::parallel_for(0, args.batch * groups, pair_grain(args), [&](int64_t begin, int64_t end) {
     group_norm_forward_pairs(args, begin, end);
   });
-  return {y, mean, rstd};
+  return outputs;
 }
 
 std::vector<at::Tensor> group_norm_silu_backward(
@@ -202,31 +198,11 @@ std::vector<at::Tensor> group_norm_silu_backward(
     bool silu) {
   TORCH_CHECK(x.device().is_cpu(), "x must be on the CPU, got ", x.device());
   GroupNormArgs args = group_norm_args(x, weight, bias, scale, shift, groups, 0.0, silu);
-  TORCH_CHECK(grad.sizes() == x.sizes() && grad.is_contiguous() && grad.scalar_type() == x.scalar_type(),
-              "grad must be contiguous with x's shape and dtype");
-  TORCH_CHECK(mean.numel() == args.batch * groups && rstd.numel() == mean.numel() && mean.scalar_type() == at::kFloat &&
-                  rstd.scalar_type() == at::kFloat && mean.is_contiguous() && rstd.is_contiguous(),
-              "mean and rstd must be contiguous float32 (B, groups)");
-  at::Tensor dx = at::empty_like(x);
-  const auto f32 = x.options().dtype(at::kFloat);
-  at::Tensor sums = at::empty({4, args.batch, args.channels}, f32);  // per (image, channel): see GroupNormArgs
-  args.mean = const_cast<float*>(mean.data_ptr<float>());
-  args.rstd = const_cast<float*>(rstd.data_ptr<float>());
-  args.dy = grad.data_ptr();
-  args.dx = dx.data_ptr();
-  args.d_weight = sums[0].data_ptr<float>();
-  args.d_bias = sums[1].data_ptr<float>();
-  args.d_scale = sums[2].data_ptr<float>();
-  args.d_shift = sums[3].data_ptr<float>();
+  auto [dx, sums] = group_norm_backward_buffers(args, grad, x, mean, rstd);
   at::parallel_for(0, args.batch * groups, pair_grain(args), [&](int64_t begin, int64_t end) {
     group_norm_backward_pairs(args, begin, end);
   });
-  std::vector<at::Tensor> grads{dx};  // the weight's and bias's: summed over images in a fixed order
-  if (weight) grads.push_back(sums[0].sum(0).to(weight->scalar_type()));
-  if (bias) grads.push_back(sums[1].sum(0).to(bias->scalar_type()));
-  if (scale) grads.push_back(sums[2].to(scale->scalar_type()));
-  if (shift) grads.push_back(sums[3].to(shift->scalar_type()));
-  return grads;
+  return group_norm_grads(dx, sums, weight, bias, scale, shift);
 }
 
 // Attention over a packed qkv projection: CPU only (see attention.h), so its schemas live here.

@@ -7,6 +7,8 @@
 
 #include "../common/autograd.h"
 #include "../common/bindings.h"
+#include "diffusion_inputs.h"
+#include "group_norm.h"
 #include "patch_embed.h"
 #include "teacher_batch.h"
 #include "unlearn_loss.h"
@@ -91,10 +93,58 @@ at::Tensor masked_patch_embed(const at::Tensor& images, const at::Tensor& weight
   });
 }
 
+std::tuple<at::Tensor, at::Tensor> make_diffusion_inputs(const at::Tensor& y_0, const at::Tensor& y_cond,
+                                                         const at::Tensor& mask, const at::Tensor& gammas,
+                                                         const at::Tensor& is_forget, const at::Tensor& noise,
+                                                         const at::Tensor& stream, bool given) {
+  TORCH_CHECK(y_0.is_cuda(), "y_0 must be a CUDA tensor, got ", y_0.device());
+  TORCH_CHECK(y_0.size(0) <= 65535, "the cuda kernel takes up to 65535 images, got ", y_0.size(0));
+  const c10::cuda::CUDAGuard guard(y_0.device());
+  at::Tensor student, teacher;
+  const DiffusionInputsArgs args = diffusion_inputs_args(y_0, y_cond, mask, gammas, is_forget, noise, stream, given,
+                                                         student, teacher);
+  C10_CUDA_CHECK(launch_diffusion_inputs(args, at::cuda::getCurrentCUDAStream()));
+  return {student, teacher};
+}
+
+// The kernels read parameters and FiLM as float32: the few values in another dtype are converted.
+std::optional<at::Tensor> as_float(const std::optional<at::Tensor>& t) {
+  return t ? std::optional(t->to(at::kFloat)) : std::nullopt;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_silu_forward(
+    const at::Tensor& x, const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
+    const std::optional<at::Tensor>& scale, const std::optional<at::Tensor>& shift, int64_t groups, double eps,
+    bool silu) {
+  TORCH_CHECK(x.is_cuda(), "x must be a CUDA tensor, got ", x.device());
+  const c10::cuda::CUDAGuard guard(x.device());
+  const auto w = as_float(weight), b = as_float(bias), sc = as_float(scale), sh = as_float(shift);
+  GroupNormArgs args = group_norm_args(x, w, b, sc, sh, groups, eps, silu);
+  auto outputs = group_norm_outputs(args, x);
+  C10_CUDA_CHECK(launch_group_norm_forward(args, at::cuda::getCurrentCUDAStream()));
+  return outputs;
+}
+
+std::vector<at::Tensor> group_norm_silu_backward(
+    const at::Tensor& grad, const at::Tensor& x, const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& scale,
+    const std::optional<at::Tensor>& shift, const at::Tensor& mean, const at::Tensor& rstd, int64_t groups,
+    bool silu) {
+  TORCH_CHECK(x.is_cuda(), "x must be a CUDA tensor, got ", x.device());
+  const c10::cuda::CUDAGuard guard(x.device());
+  const auto w = as_float(weight), b = as_float(bias), sc = as_float(scale), sh = as_float(shift);
+  GroupNormArgs args = group_norm_args(x, w, b, sc, sh, groups, 0.0, silu);
+  auto [dx, sums] = group_norm_backward_buffers(args, grad, x, mean, rstd);
+  C10_CUDA_CHECK(launch_group_norm_backward(args, at::cuda::getCurrentCUDAStream()));
+  return group_norm_grads(dx, sums, weight, bias, scale, shift);
+}
+
 struct Kernels {  // for autograd.h
   static constexpr auto unlearn_loss_forward = &fastforget::unlearn_loss_forward;
   static constexpr auto unlearn_loss_scale_grad = &fastforget::unlearn_loss_scale_grad;
   static constexpr auto masked_patch_embed = &fastforget::masked_patch_embed;
+  static constexpr auto group_norm_silu_forward = &fastforget::group_norm_silu_forward;
+  static constexpr auto group_norm_silu_backward = &fastforget::group_norm_silu_backward;
 };
 
 }  // namespace
@@ -107,6 +157,10 @@ TORCH_LIBRARY(fastforget_cuda, m) {
   m.def(fastforget::kUnlearnLossScaleGradSchema);
   m.def(fastforget::kTeacherBatchSchema);
   m.def(fastforget::kMaskedPatchEmbedSchema);
+  m.def(fastforget::kDiffusionInputsSchema);
+  m.def(fastforget::kGroupNormForwardSchema);
+  m.def(fastforget::kGroupNormBackwardSchema);
+  m.def(fastforget::kGroupNormSchema);
 }
 
 TORCH_LIBRARY_IMPL(fastforget_cuda, CUDA, m) {
@@ -114,15 +168,20 @@ TORCH_LIBRARY_IMPL(fastforget_cuda, CUDA, m) {
   m.impl("make_teacher_batch", &fastforget::make_teacher_batch);
   m.impl("unlearn_loss_forward", &fastforget::unlearn_loss_forward);
   m.impl("unlearn_loss_scale_grad", &fastforget::unlearn_loss_scale_grad);
+  m.impl("make_diffusion_inputs", &fastforget::make_diffusion_inputs);
+  m.impl("group_norm_silu_forward", &fastforget::group_norm_silu_forward);
+  m.impl("group_norm_silu_backward", &fastforget::group_norm_silu_backward);
 }
 
 // The eager path's ops: autograd in C++ (autograd.h), and the same below autograd.
 TORCH_LIBRARY_IMPL(fastforget_cuda, Autograd, m) {
   m.impl("unlearn_loss", &fastforget::unlearn_loss_autograd<fastforget::Kernels>);
   m.impl("masked_patch_embed_autograd", &fastforget::masked_patch_embed_autograd<fastforget::Kernels>);
+  m.impl("group_norm_silu", &fastforget::group_norm_silu_autograd<fastforget::Kernels>);
 }
 
 TORCH_LIBRARY_IMPL(fastforget_cuda, CUDA, m) {
   m.impl("unlearn_loss", &fastforget::unlearn_loss_plain<fastforget::Kernels>);
   m.impl("masked_patch_embed_autograd", &fastforget::masked_patch_embed_dense<fastforget::Kernels>);
+  m.impl("group_norm_silu", &fastforget::group_norm_silu_plain<fastforget::Kernels>);
 }
