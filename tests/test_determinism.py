@@ -31,6 +31,14 @@ def _each_op(backend, device):
     out += [tokens, *torch.autograd.grad(tokens.square().sum(), (weight, pos, cls))]
     out.append(fastforget.make_teacher_batch(images, is_forget, generator=torch.Generator(device).manual_seed(3),
                                              backend=backend))
+    x = torch.randn(6, 16, 5, 7, generator=gen).to(device).requires_grad_()
+    scale, shift = (torch.randn(6, 16, generator=gen).to(device).requires_grad_() for _ in range(2))
+    normed = fastforget.ops.group_norm_silu(x, None, None, 4, scale=scale, shift=shift, backend=backend)
+    out += [normed, *torch.autograd.grad(normed.square().sum(), (x, scale, shift))]
+    mask = (torch.rand(6, 1, 32, 32, generator=gen) > 0.5).to(device)
+    out += fastforget.ops.make_diffusion_inputs(images, images, mask, torch.rand(6, generator=gen).to(device),
+                                                is_forget, generator=torch.Generator(device).manual_seed(3),
+                                                backend=backend)
     if device == "cpu" and backend in ("cpu", "torch"):  # attention's own kernel is the CPU's; GPUs run torch's SDPA
         qkv = torch.randn(6, 17, 48, generator=gen).requires_grad_()
         attended = fastforget.ops.qkv_attention(qkv, 2, backend=backend)

@@ -49,8 +49,8 @@ def _loss(device, native):
     flags, one = m.view(torch.uint8), torch.ones((), device=device)
 
     def kernel():
-        grad = native.unlearn_loss_forward(s.detach(), r, f, flags, 1.0, 0.2, True, True)[3]
-        native.unlearn_loss_scale_grad(grad, flags, one, None, None, 1.0, 0.2)
+        grads = native.unlearn_loss_forward([s.detach()], [r], [f], flags, 1.0, 0.2, 0, True)[3]  # normalize "set"
+        native.unlearn_loss_scale_grad(grads, flags, one, None, None, 1.0, 0.2)
 
     return "4x8", {"eager": lambda: _grad(reference.unlearn_loss(s, r, f, m)[0], s), "kernel": kernel,
                    "fastforget": lambda: _grad(unlearn_loss(s, r, f, m).loss, s)}
