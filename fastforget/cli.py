@@ -40,6 +40,16 @@ def _common(parser: argparse.ArgumentParser, dtype: str = "float32") -> None:
     parser.add_argument("--csv", default=None, help="append one row per provider to this CSV file")
 
 
+def data_args(p: argparse.ArgumentParser) -> None:
+    """How an image directory's classes are chosen (Places365's layout and the reference's caps)."""
+    p.add_argument("--classes", default=None, metavar="FILE",
+                   help="image directories: a file naming the class folders, one per line (Places365's class.txt: "
+                        "'/b/badlands'); classes are then these, in order, and --*-classes may give index ranges "
+                        "such as 50-99")
+    p.add_argument("--per-class", type=count, default=None, metavar="N",
+                   help="image directories: each class's first N files in sorted order (the reference's cap)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fastforget", description="Fast machine unlearning for image-to-image models.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -126,10 +136,14 @@ def build_parser() -> argparse.ArgumentParser:
     unlearn.add_argument("--retain-classes", default="", help="real retain classes (default: all others)")
     unlearn.add_argument("--proxy-classes", default="", help="proxy retain classes of the same data")
     unlearn.add_argument("--proxy-data", default=None, help="an ImageFolder directory of proxy retain images")
+    data_args(unlearn)
     unlearn.add_argument("--skip-bad-images", action="store_true",
                          help="leave unreadable image files out (counted) instead of stopping before training")
     unlearn.add_argument("--retain-ratio", type=float, default=1.0, help="real retain samples per forget sample")
     unlearn.add_argument("--proxy-ratio", type=float, default=1.0, help="retain samples in all per forget sample")
+    unlearn.add_argument("--retain-pick", default="random", choices=["random", "first"],
+                         help="which real retain samples: random, or the first in class order (Palette's reference "
+                              "cuts its retain list at the end)")
     unlearn.add_argument("--method", default="ours",
                          choices=["ours", "max-loss", "noisy-label", "retain-label", "random-encoder"],
                          help="the method (ours) or one of the reference's baselines")
@@ -143,11 +157,13 @@ def build_parser() -> argparse.ArgumentParser:
     pretrain = sub.add_parser("pretrain", help="train a model from scratch (the demo's original models)")
     pretrain.add_argument("--model", default="mae_vit_tiny", help="a config name of any family")
     pretrain.add_argument("--data", default="digits")
+    data_args(pretrain)
     pretrain.add_argument("--mask-ratio", type=float, default=None, help="MAE: the share of patches removed (0.75)")
     loop_args(pretrain, "pretrained", 80)
     ev = sub.add_parser("eval", help="the paper's metrics for models on the retain and forget sets")
     ev.add_argument("--models", required=True, help="NAME=CHECKPOINT,... (the first is the original model)")
     ev.add_argument("--data", default="digits", help="'digits' (its test split) or an ImageFolder directory")
+    data_args(ev)
     ev.add_argument("--forget-classes", required=True)
     ev.add_argument("--retain-classes", required=True)
     ev.add_argument("--task", default="all", choices=["inpaint", "outpaint", "all"],
@@ -208,6 +224,7 @@ def run(args: argparse.Namespace) -> int:
                           compile=args.compile, deterministic=args.deterministic)
         if args.command == "pretrain":
             say(finished(run_pretrain(PretrainConfig(model=args.model, data=args.data, mask_ratio=args.mask_ratio,
+                                                     class_list=args.classes, per_class=args.per_class,
                                                      device=args.device, augment=args.augment, loop=loop)), args.out))
             return 0
         split = lambda text: tuple(c for c in text.split(",") if c)  # noqa: E731
@@ -215,7 +232,8 @@ def run(args: argparse.Namespace) -> int:
             checkpoint=args.checkpoint, model=args.model, data=args.data, forget_classes=split(args.forget_classes),
             retain_classes=split(args.retain_classes), proxy_classes=split(args.proxy_classes),
             proxy_data=args.proxy_data, skip_bad_images=args.skip_bad_images, retain_ratio=args.retain_ratio,
-            proxy_ratio=args.proxy_ratio, forget_weight=args.forget_weight, normalize=args.normalize, noise=args.noise,
+            proxy_ratio=args.proxy_ratio, retain_pick=args.retain_pick, class_list=args.classes,
+            per_class=args.per_class, forget_weight=args.forget_weight, normalize=args.normalize, noise=args.noise,
             mask_ratio=args.mask_ratio, method=args.method, device=args.device, augment=args.augment, loop=loop)),
             args.out))
         return 0
@@ -229,7 +247,7 @@ def run(args: argparse.Namespace) -> int:
         evaluate_checkpoints(dict(pairs), args.data, split(args.forget_classes), split(args.retain_classes),
                              None if args.task == "all" else (args.task,), args.ratio, args.features, args.out,
                              args.device, args.batch_size, seeds=tuple(range(args.seeds)),
-                             sample_steps=args.sample_steps)
+                             sample_steps=args.sample_steps, class_list=args.classes, per_class=args.per_class)
         return 0
     if args.command == "sweep":
         from .train.sweep import run as run_sweep

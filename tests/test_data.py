@@ -60,6 +60,35 @@ def test_an_unreadable_file_is_named_or_skipped_when_asked(tmp_path, damage, cap
     assert "skipped 1 unreadable image files of 6" in capsys.readouterr().out
 
 
+def test_places365_selection_class_list_ranges_caps_and_the_retain_cut(tmp_path):
+    """Places365's layout (class folders two levels down, named by class.txt), the reference's
+    per-class cap (first files in sorted order), classes by index range, and its retain list cut
+    at the end to the forget count."""
+    root = tmp_path / "train_256"
+    names = ("a/airfield", "b/badlands", "b/bakery/shop", "c/cafe")
+    for name in names:
+        _folder(root, (name,), per_class=4, size=8)
+    (root / "a" / "airfield" / "notes.txt").write_text("not an image")
+    class_txt = tmp_path / "class.txt"
+    class_txt.write_text("/b/badlands\n/a/airfield 1\n\n/b/bakery/shop\n/c/cafe\n")
+    data = data_lib.load(str(root), 8, class_list=str(class_txt), per_class=3)
+    assert data.classes == ["b/badlands", "a/airfield", "b/bakery/shop", "c/cafe"]
+    assert data.labels.tolist() == [0] * 3 + [1] * 3 + [2] * 3 + [3] * 3
+    assert [f.rsplit("/", 1)[1] for f in data.files[:3]] == ["0.png", "1.png", "2.png"]
+    assert data_lib.class_indices(data, ["1-2", "c/cafe"], "retain") == [1, 2, 3]
+    sets = data_lib.select(data, ["0"], ["1-3"], retain_pick="first")
+    assert len(sets.retain) == 3 and sets.retain.labels.tolist() == [1, 1, 1]  # the last classes lose images
+    with pytest.raises(ValueError, match=r"unknown forget class '2-9'"):
+        data_lib.class_indices(data, ["2-9"], "forget")
+    (tmp_path / "bad.txt").write_text("/a/airfield\n/z/zoo\n")
+    with pytest.raises(FileNotFoundError, match=r"has no folder 'z/zoo' \(line 2 of"):
+        data_lib.load(str(root), 8, class_list=str(tmp_path / "bad.txt"))
+    with pytest.raises(ValueError, match="--classes and --per-class select an image directory's classes"):
+        data_lib.load("digits", 8, per_class=3)
+    with pytest.raises(ValueError, match=r"retain_pick \(--retain-pick\) must be one of"):
+        data_lib.select(data, ["0"], ["1"], retain_pick="last")
+
+
 def test_missing_or_empty_directories_name_the_option(tmp_path):
     with pytest.raises(FileNotFoundError, match="--proxy-data directory .*nowhere' does not exist"):
         data_lib.load(str(tmp_path / "nowhere"), 8, what="--proxy-data directory")

@@ -105,9 +105,10 @@ def _complete_all(model, images: Tensor, task: str, ratio: float, seed: int, bat
 
 def evaluate_checkpoints(checkpoints: dict, data: str, forget, retain, tasks, ratio: float, features: str,
                          out: str, device: Optional[str] = None, batch_size: int = 256, seeds=(0,),
-                         sample_steps: Optional[int] = None) -> dict:
+                         sample_steps: Optional[int] = None, class_list: Optional[str] = None,
+                         per_class: Optional[int] = None) -> dict:
     """`fastforget eval`: models by checkpoint path (the first is the original), sets by class, on
-    device (default: CUDA when present)."""
+    device (default: CUDA when present); class_list and per_class as data.load_image_folder's."""
     from ..train import data as data_lib
     from ..train.loop import resolve_device
     from .features import extractor
@@ -124,7 +125,8 @@ def evaluate_checkpoints(checkpoints: dict, data: str, forget, retain, tasks, ra
     tasks = tuple(tasks or family.tasks)
     check_tasks(family, tasks, ratio)
     channels, side = family.image_shape(original)
-    dataset = data_lib.load(data, side, split="test", what="--data directory")
+    dataset = data_lib.load(data, side, split="test", what="--data directory", class_list=class_list,
+                            per_class=per_class)
     data_lib.check_channels(dataset, channels, original.config_name)
     sets = {}
     for s, names in (("forget", forget), ("retain", retain)):

@@ -4,7 +4,8 @@ A data set here is (images, labels, classes): images (N, C, H, W), float32 in [0
 and uint8 pixels for image folders (a quarter of the memory; unit_float converts a batch as it is
 used); labels int64 (N,); classes the names. `digits` (1,797 8x8 handwritten digits) is embedded
 in the package (fastforget/data), so nothing is downloaded; any other spec is an ImageFolder
-directory (torchvision).
+directory (torchvision), or a directory whose classes a class list names (Places365's class.txt:
+'/b/badlands' is the folder b/badlands), each class capped at its first per_class files if asked.
 """
 from __future__ import annotations
 
@@ -62,19 +63,63 @@ def load_digits(split: str = "train", size: int = 16, test_fraction: float = 0.2
     return ImageSet(images[index].clamp(0, 1), labels[index], [str(i) for i in range(10)], source="the embedded digits")
 
 
-def load_image_folder(path: str, size: int, what: str = "data directory") -> ImageSet:
-    """An ImageFolder directory (one sub-directory per class), indexed but not read: choosing
-    classes and samples costs nothing, and decode() reads only the chosen files."""
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+
+
+def read_class_list(path: str) -> list[str]:
+    """A class list: one class folder per line, relative to the data directory, as Places365's
+    class.txt ('/b/badlands', or '/b/badlands 26' as categories_places365.txt: the first word, its
+    leading '/' dropped). Blank lines are skipped."""
+    if not os.path.isfile(path):
+        raise MissingPath(f"--classes file {path!r} does not exist")
+    with open(path) as f:
+        names = [line.split()[0].lstrip("/") for line in f if line.strip()]
+    if not names:
+        raise InvalidValue(f"--classes file {path!r} names no class")
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise InvalidValue(f"--classes file {path!r} names {repeated} more than once")
+    return names
+
+
+def load_image_folder(path: str, size: int, what: str = "data directory", class_list: Optional[str] = None,
+                      per_class: Optional[int] = None) -> ImageSet:
+    """An image directory, indexed but not read: choosing classes and samples costs nothing, and
+    decode() reads only the chosen files. Its classes are its sub-directories (ImageFolder), or
+    the folders class_list names, in the list's order, each holding its images directly (Places365).
+    per_class: each class's first files in sorted order (the reference's per-class cap)."""
     if not os.path.isdir(path):
         raise MissingPath(f"{what} {path!r} does not exist or is not a directory")
-    from torchvision import datasets
+    if per_class is not None and (isinstance(per_class, bool) or not isinstance(per_class, int) or per_class < 1):
+        raise InvalidValue(f"per_class (--per-class) must be an int >= 1, got {per_class!r}")
+    if class_list is None:
+        from torchvision import datasets
 
-    try:
-        folder = datasets.ImageFolder(path)
-    except FileNotFoundError as err:  # no class sub-directory, or no file with an image extension
-        raise InvalidValue(f"{what} {path!r} holds no images in class sub-directories ({err})") from err
-    labels = torch.tensor([label for _, label in folder.samples], dtype=torch.int64)
-    return ImageSet(None, labels, list(folder.classes), [file for file, _ in folder.samples], f"{what} {path!r}", size)
+        try:
+            folder = datasets.ImageFolder(path)
+        except FileNotFoundError as err:  # no class sub-directory, or no file with an image extension
+            raise InvalidValue(f"{what} {path!r} holds no images in class sub-directories ({err})") from err
+        classes, samples = list(folder.classes), folder.samples  # sorted within each class
+    else:
+        classes, samples = read_class_list(class_list), []
+        for label, name in enumerate(classes):
+            folder = os.path.join(path, name)
+            if not os.path.isdir(folder):
+                raise MissingPath(f"{what} {path!r} has no folder {name!r} (line {label + 1} of {class_list})")
+            samples += [(os.path.join(folder, f), label) for f in sorted(os.listdir(folder))
+                        if f.lower().endswith(IMAGE_EXTENSIONS)]
+    if per_class is not None:
+        taken = [0] * len(classes)
+        kept = []
+        for file, label in samples:
+            if taken[label] < per_class:
+                taken[label] += 1
+                kept.append((file, label))
+        samples = kept
+    if not samples:
+        raise InvalidValue(f"{what} {path!r} holds no images in the classes' folders")
+    labels = torch.tensor([label for _, label in samples], dtype=torch.int64)
+    return ImageSet(None, labels, classes, [file for file, _ in samples], f"{what} {path!r}", size)
 
 
 def unit_float(images: Tensor) -> Tensor:
@@ -124,10 +169,15 @@ def decode(data: ImageSet, skip_bad: bool = False) -> ImageSet:
     return ImageSet(torch.stack(images), data.labels[keep], data.classes, source=data.source, skipped=len(bad))
 
 
-def load(spec: str, size: int, split: str = "train", what: str = "data directory") -> ImageSet:
-    """`digits` (read) or an ImageFolder directory (indexed: decode() reads it); what names the
-    option in errors."""
-    return load_digits(split, size) if spec == "digits" else load_image_folder(spec, size, what)
+def load(spec: str, size: int, split: str = "train", what: str = "data directory", class_list: Optional[str] = None,
+         per_class: Optional[int] = None) -> ImageSet:
+    """`digits` (read) or an image directory (indexed: decode() reads it; see load_image_folder);
+    what names the option in errors."""
+    if spec != "digits":
+        return load_image_folder(spec, size, what, class_list, per_class)
+    if class_list is not None or per_class is not None:
+        raise InvalidValue("--classes and --per-class select an image directory's classes; the digits have their own")
+    return load_digits(split, size)
 
 
 def check_channels(data: ImageSet, channels: int, model: str) -> None:
@@ -140,19 +190,28 @@ def check_channels(data: ImageSet, channels: int, model: str) -> None:
 
 
 def class_indices(data: ImageSet, names: Optional[Sequence[str]], what: str) -> list[int]:
-    """Class names or indices -> indices; an unknown class is an error listing the known ones."""
+    """Class names, indices or index ranges ('50-99', both ends included) -> indices; an unknown
+    class is an error listing the known ones."""
     if not names:
         return []
     out = []
     for name in names:
         name = str(name)
+        low, dash, high = name.partition("-")
         if name in data.classes:
             out.append(data.classes.index(name))
         elif name.isdigit() and int(name) < len(data.classes):
             out.append(int(name))
+        elif dash and low.isdigit() and high.isdigit() and int(low) <= int(high) < len(data.classes):
+            out += range(int(low), int(high) + 1)
         else:
-            raise InvalidValue(f"unknown {what} class {name!r}; known classes: {', '.join(data.classes)}")
+            known = ", ".join(data.classes) if len(data.classes) <= 20 else \
+                f"{', '.join(data.classes[:10])}, ... ({len(data.classes)}: indices 0-{len(data.classes) - 1})"
+            raise InvalidValue(f"unknown {what} class {name!r}; known classes: {known}")
     return out
+
+
+RETAIN_PICKS = ("random", "first")
 
 
 @dataclass
@@ -163,10 +222,14 @@ class UnlearnSets:
 
 def select(data: ImageSet, forget: Sequence[str], retain: Sequence[str] = (), proxy: Sequence[str] = (),
            proxy_data: Optional[ImageSet] = None, retain_ratio: float = 1.0, proxy_ratio: float = 1.0,
-           seed: int = 0) -> UnlearnSets:
+           seed: int = 0, retain_pick: str = "random") -> UnlearnSets:
     """The reference's sets: every forget sample; retain_ratio * |forget| real retain samples (from
     the retain classes, default: every class not forgotten and not proxy); then proxy samples (from
-    the proxy classes or proxy_data) up to proxy_ratio * |forget| retain samples in all."""
+    the proxy classes or proxy_data) up to proxy_ratio * |forget| retain samples in all.
+    retain_pick: which real retain samples, "random" or "first" in the data's order (Palette's
+    reference cuts its retain list at the end: the last classes lose images)."""
+    if retain_pick not in RETAIN_PICKS:
+        raise InvalidValue(f"retain_pick (--retain-pick) must be one of {RETAIN_PICKS}, got {retain_pick!r}")
     gen = torch.Generator().manual_seed(seed)
     forget_ids = class_indices(data, forget, "forget")
     if not forget_ids:
@@ -182,14 +245,14 @@ def select(data: ImageSet, forget: Sequence[str], retain: Sequence[str] = (), pr
     if len(forget_set) == 0:
         raise InvalidValue(f"the forget classes {list(forget)} have no samples")
 
-    def sample(pool: ImageSet, count: int) -> ImageSet:
+    def sample(pool: ImageSet, count: int, first: bool = False) -> ImageSet:
         count = min(count, len(pool))
-        return pool.subset(torch.randperm(len(pool), generator=gen)[:count])
+        return pool.subset(torch.arange(count) if first else torch.randperm(len(pool), generator=gen)[:count])
 
     parts = []
     if retain_ids:
         real = data.subset(torch.isin(data.labels, torch.tensor(retain_ids)).nonzero()[:, 0])
-        parts.append(sample(real, round(retain_ratio * len(forget_set))))
+        parts.append(sample(real, round(retain_ratio * len(forget_set)), first=retain_pick == "first"))
     if proxy_ids or proxy_data is not None:
         pool = proxy_data if proxy_data is not None else data.subset(
             torch.isin(data.labels, torch.tensor(proxy_ids)).nonzero()[:, 0])

@@ -25,7 +25,7 @@ from ..ops import unlearn_loss
 from ..ops.unlearn_loss import NORMALIZE
 from . import data as data_lib
 from .augment import AUGMENTS, DRAWS, crop_flip, crop_flip_params, source_size
-from .loop import LoopConfig, is_real, require, run, setup_distributed
+from .loop import LoopConfig, is_count, is_real, require, run, setup_distributed
 
 METHODS = ("ours", "max-loss", "noisy-label", "retain-label", "random-encoder")
 WHOLE_MODEL = ("max-loss", "noisy-label", "retain-label")  # the baselines that train the decoder too
@@ -41,6 +41,9 @@ class UnlearnConfig:
     proxy_data: Optional[str] = None
     retain_ratio: float = 1.0
     proxy_ratio: float = 1.0
+    retain_pick: str = "random"  # which real retain samples: random, or the first in class order (Palette's cut)
+    class_list: Optional[str] = None  # image directories: a file naming the class folders (Places365's class.txt)
+    per_class: Optional[int] = None  # image directories: each class's first files only (the reference's cap)
     skip_bad_images: bool = False  # leave unreadable image files out (counted) instead of stopping
     forget_weight: float = 0.2
     # None: the family's (MAE's "reference", the reference code's 2/B sums, exact under DDP;
@@ -56,6 +59,8 @@ class UnlearnConfig:
 
     def __post_init__(self):
         require(self, "method", self.method in METHODS, f"one of {METHODS}")
+        require(self, "retain_pick", self.retain_pick in data_lib.RETAIN_PICKS, f"one of {data_lib.RETAIN_PICKS}")
+        require(self, "per_class", self.per_class is None or is_count(self.per_class, 1), "None or an int >= 1")
         require(self, "augment", self.augment is None or self.augment in AUGMENTS, f"None or one of {AUGMENTS}")
         require(self, "normalize", self.normalize is None or self.normalize in NORMALIZE, f"None or one of {NORMALIZE}")
         require(self, "forget_weight", is_real(self.forget_weight) and self.forget_weight >= 0, "a finite number >= 0")
@@ -154,13 +159,15 @@ def unlearn(cfg: UnlearnConfig) -> dict:
     cfg = cfg.for_family(family)
     channels, side = family.image_shape(original)
     size = source_size(side, cfg.augment)
-    dataset = data_lib.load(cfg.data, size, what="--data directory")
-    proxy_data = data_lib.load(cfg.proxy_data, size, what="--proxy-data directory") if cfg.proxy_data else None
+    dataset = data_lib.load(cfg.data, size, what="--data directory", class_list=cfg.class_list,
+                            per_class=cfg.per_class)
+    proxy_data = data_lib.load(cfg.proxy_data, size, what="--proxy-data directory",
+                               per_class=cfg.per_class) if cfg.proxy_data else None
     for data in (dataset, proxy_data):
         if data is not None:
             data_lib.check_channels(data, channels, original.config_name)
     sets = data_lib.select(dataset, cfg.forget_classes, cfg.retain_classes, cfg.proxy_classes, proxy_data,
-                           cfg.retain_ratio, cfg.proxy_ratio, seed=cfg.loop.seed)
+                           cfg.retain_ratio, cfg.proxy_ratio, seed=cfg.loop.seed, retain_pick=cfg.retain_pick)
     # Image folders are read only now, and only the chosen files: a forget set, not the whole folder.
     sets = data_lib.UnlearnSets(*(data_lib.decode(s, cfg.skip_bad_images) for s in (sets.forget, sets.retain)))
     images = _stage(torch.cat([sets.forget.images, sets.retain.images]), d)
@@ -186,6 +193,8 @@ class PretrainConfig:
     # grid's side, at random places. An MAE trained only on random masks cannot fill large holes,
     # and one cannot unlearn what a model never does.
     task_masks: bool = False
+    class_list: Optional[str] = None  # image directories: as UnlearnConfig's
+    per_class: Optional[int] = None
     device: Optional[str] = None
     augment: Optional[str] = None  # one of AUGMENTS; None: the family's for the data
     overrides: dict = field(default_factory=dict)  # the model's constructor arguments
@@ -210,7 +219,8 @@ def pretrain(cfg: PretrainConfig) -> dict:
     cfg = cfg.for_family(family)
     model = family.create(cfg.model, **cfg.overrides).to(d.device)
     channels, side = family.image_shape(model)
-    dataset = data_lib.load(cfg.data, source_size(side, cfg.augment), what="--data directory")
+    dataset = data_lib.load(cfg.data, source_size(side, cfg.augment), what="--data directory",
+                            class_list=cfg.class_list, per_class=cfg.per_class)
     data_lib.check_channels(dataset, channels, cfg.model)
     dataset = data_lib.decode(dataset)
     augmented = _augmenter(cfg.augment, side, d)
