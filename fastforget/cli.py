@@ -89,9 +89,10 @@ def build_parser() -> argparse.ArgumentParser:
     sweep_ops.add_argument("--reps", type=count, default=10, help="timed repetitions at least")
     sweep_ops.add_argument("--csv", default=None, help="append one row per provider (and draw a PNG beside it)")
     step = ops.add_parser("step", help="one whole unlearning step: reference loop, plain PyTorch, fastforget")
-    step.add_argument("--model", default="mae_vit_tiny", help="a config name of fastforget.models")
+    step.add_argument("--model", default="mae_vit_tiny", help="a config name of any family (mae_vit_tiny, "
+                                                                 "palette_tiny, palette_places2, ...)")
     step.add_argument("--batch-size", type=count, default=128)
-    step.add_argument("--mask-ratio", type=ratio, default=0.75)
+    step.add_argument("--mask-ratio", type=ratio, default=None, help="MAE: the share of patches removed (0.75)")
     step.add_argument("--providers", default="reference,pytorch,fastforget")
     step.add_argument("--compile", action="store_true", help="also time each provider under torch.compile")
     step.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")

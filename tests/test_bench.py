@@ -10,6 +10,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from fastforget import cli
 from fastforget.bench import ops as bench_ops, overhead as bench_overhead, step as bench_step, timing
+from fastforget.bench.steps import mae as mae_steps, palette as palette_steps
 from fastforget.models import create_mae
 from fastforget.ops import random_masking
 
@@ -28,13 +29,13 @@ def test_reference_encoder_is_the_models_encoder(tiny, explicit_attention):
     ids_keep = random_masking(5, tiny.num_patches, 0.75, generator=torch.Generator().manual_seed(1))[0]
     with torch.no_grad():
         ours = tiny.encode(imgs, ids_keep)
-        theirs = bench_step.mae_encode(tiny, imgs, ids_keep, explicit_attention)
+        theirs = mae_steps.mae_encode(tiny, imgs, ids_keep, explicit_attention)
     torch.testing.assert_close(theirs, ours, rtol=1e-5, atol=1e-5)
 
 
 def test_kept_ids_are_mae_masks(tiny):
     noise = torch.rand(4, tiny.num_patches, generator=torch.Generator().manual_seed(2))
-    assert torch.equal(bench_step._kept_ids(noise, 0.75), random_masking(4, tiny.num_patches, 0.75, noise=noise)[0])
+    assert torch.equal(mae_steps._kept_ids(noise, 0.75), random_masking(4, tiny.num_patches, 0.75, noise=noise)[0])
 
 
 @pytest.mark.parametrize("name", ["mae_vit_tiny", "mae_vit_base_patch16"])
@@ -49,8 +50,39 @@ def test_encoder_flops_match_torchs_flop_counter(name):
         for blk in model.blocks:
             x = blk(x)
     patch = 2 * batch * kept * model.patch_embed.proj.weight[0].numel() * model.pos_embed.shape[-1]
-    assert bench_step.encoder_flops(model, batch, ratio) == patch + counter.get_total_flops()
-    assert bench_step.step_flops(model, batch, ratio) == 3 * patch + 4 * counter.get_total_flops()
+    assert mae_steps.encoder_flops(model, batch, ratio) == patch + counter.get_total_flops()
+    assert mae_steps.step_flops(model, batch, ratio) == 3 * patch + 4 * counter.get_total_flops()
+
+
+@pytest.mark.parametrize("plain", [False, True])
+def test_palette_providers_compute_the_models_encoder(plain):
+    """The reference re-creation (GroupNorm32, the legacy attention under its checkpoint, the host
+    frequencies) and plain PyTorch's (SDPA) compute the features fastforget's model does."""
+    from fastforget.models import create_palette
+
+    torch.manual_seed(0)
+    model = create_palette("palette_tiny", attn_res=(2,))  # attention in an input block too
+    x, gammas = torch.randn(3, 2, 16, 16), torch.rand(3)
+    ours = model.encoder_features(x, gammas)
+    theirs = palette_steps.encoder_features(model.denoise_fn, x.requires_grad_(), gammas, plain)
+    assert len(ours) == len(theirs) == 5
+    for a, b in zip(theirs, ours):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    grads = torch.autograd.grad(sum(f.square().sum() for f in theirs), x)[0]  # through the checkpoint
+    assert torch.isfinite(grads).all()
+
+
+def test_palette_step_flops_are_the_methods():
+    """Student forward and backward and one teacher forward: about four encoder forwards (102.19
+    GFLOP an image at 256 px; backward is twice the forward's matmuls, less the first conv's input
+    gradient, which the images do not take), for every image of the batch."""
+    from fastforget.models import create_palette
+
+    with torch.device("meta"):
+        model = create_palette("palette_places2")
+    spec = bench_step.Spec("fastforget", "palette_places2", 2, None, "cpu")
+    per_image = palette_steps.flops(model, spec) / 2
+    assert 3.85 < per_image / 102_193_659_904 < 4.0
 
 
 def test_bench_step_writes_rows_plot_and_profiles(tmp_path, capsys):
@@ -150,3 +182,13 @@ def test_paired_rounds_cancel_drift_and_take_more_rounds_when_unsettled():
     loose = timing.paired_rounds({"eager": lambda: 10.0, "noisy": lambda: next(jumpy)}, "eager")
     assert len(loose["noisy"].rounds) == timing.MAX_ROUNDS and not loose["noisy"].settled
     assert "unsettled" in timing.unsettled_note(loose) and "noisy" in timing.unsettled_note(loose)
+
+
+def test_bench_step_takes_any_family(capsys):
+    assert cli.main(["bench", "step", "--model", "palette_tiny", "--batch-size", "4", "--reps", "2", "--min-time", "0",
+                     "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "unlearning step, palette_tiny, batch 4 on cpu" in out
+    assert all(any(line.startswith(p) for line in out.splitlines()) for p in bench_step.PROVIDERS)
+    assert cli.main(["bench", "step", "--model", "palette_tiny", "--mask-ratio", "0.5"]) == 2
+    assert "mask_ratio (--mask-ratio) does not apply to the palette family" in capsys.readouterr().err

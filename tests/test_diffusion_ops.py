@@ -88,8 +88,33 @@ def test_group_norm_silu_takes_any_strides_and_inference_mode(backend, device):
     torch.testing.assert_close(plain, want, rtol=1e-5, atol=1e-5)
 
 
-def test_group_norm_silu_cpu_is_bitwise_deterministic_across_threads():
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("shape", [(3, 32, 5, 7, 8), (2, 48, 4, 4, 3), (2, 20, 3, 5, 4)],
+                         ids=lambda s: "x".join(map(str, s)))  # channels: two vectors, three, one and a tail
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_group_norm_silu_keeps_channels_last(backend, device, shape, dtype):
+    """channels_last in, channels_last out, the same values and gradients (the CPU kernel reads the
+    layout as it is: an image per task)."""
+    x, params = gn_inputs(shape, device, dtype=dtype, offset=2.0)
+    groups = shape[-1]
+    last = x.contiguous(memory_format=torch.channels_last)
+    got, grads = gn_run(lambda *a, **k: group_norm_silu(*a, **k, backend=backend), last, params, groups)
+    want, want_grads = gn_run(lambda *a, **k: group_norm_silu(*a, **k, backend=backend), x, params, groups)
+    assert got.is_contiguous(memory_format=torch.channels_last) and not got.is_contiguous()
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(got, want, **tol)
+    assert grads[0].shape == x.shape
+    for a, b in zip(grads, want_grads):
+        torch.testing.assert_close(a.float(), b.float(), rtol=tol["rtol"] * 10, atol=tol["atol"] * 10 * max(1.0, float(b.abs().max())))
+    reference_out = reference.group_norm_silu(x, params["weight"], params["bias"], groups, scale=params["scale"],
+                                              shift=params["shift"])
+    torch.testing.assert_close(got.float(), reference_out.float(), **tol)
+
+
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_group_norm_silu_cpu_is_bitwise_deterministic_across_threads(layout):
     x, params = gn_inputs((4, 32, 16, 16, 8), "cpu")
+    x = x.contiguous(memory_format=layout)
     threads = torch.get_num_threads()
     try:
         runs = []
@@ -106,8 +131,9 @@ def test_group_norm_silu_opcheck(backend, device):
     x, params = gn_inputs((2, 8, 3, 3, 4), device)
     for p in (params, {**params, "scale": None, "shift": None}, dict(weight=None, bias=None, scale=None, shift=None)):
         args = [t if t is None else t.requires_grad_() for t in (p["weight"], p["bias"], p["scale"], p["shift"])]
-        torch.library.opcheck(torch.ops.fastforget.group_norm_silu.default,
-                              (x.clone().requires_grad_(), *args, 4, 1e-5, True, backend))
+        for layout in (torch.contiguous_format, torch.channels_last):
+            torch.library.opcheck(torch.ops.fastforget.group_norm_silu.default,
+                                  (x.contiguous(memory_format=layout).requires_grad_(), *args, 4, 1e-5, True, backend))
 
 
 @pytest.mark.parametrize("backend,device", [p for p in BACKENDS if p.values[0] != "triton"])

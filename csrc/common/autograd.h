@@ -10,6 +10,8 @@
 
 #include <optional>
 
+#include "bindings.h"
+
 namespace fastforget {
 
 using torch::autograd::AutogradContext;
@@ -182,7 +184,7 @@ struct GroupNormFunction : torch::autograd::Function<GroupNormFunction<K>> {
                             const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& scale,
                             const std::optional<at::Tensor>& shift, int64_t groups, double eps, bool silu) {
     auto dense = [](const std::optional<at::Tensor>& t) { return t ? std::optional(t->contiguous()) : t; };
-    const at::Tensor xd = x.contiguous();
+    const at::Tensor xd = is_channels_last(x) ? x : x.contiguous();  // channels last stays so
     auto [y, mean, rstd] = K::group_norm_silu_forward(xd, dense(weight), dense(bias), dense(scale), dense(shift),
                                                       groups, eps, silu);
     auto saved = [](const std::optional<at::Tensor>& t) { return t ? *t : at::Tensor(); };
@@ -195,8 +197,10 @@ struct GroupNormFunction : torch::autograd::Function<GroupNormFunction<K>> {
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const auto saved = ctx->get_saved_variables();
     auto given = [](const at::Tensor& t) { return t.defined() ? std::optional<at::Tensor>(t.contiguous()) : std::nullopt; };
+    const at::MemoryFormat format = is_channels_last(saved[0]) ? at::MemoryFormat::ChannelsLast
+                                                                : at::MemoryFormat::Contiguous;
     const std::vector<at::Tensor> present = K::group_norm_silu_backward(
-        grads[0].contiguous(), saved[0], given(saved[1]), given(saved[2]), given(saved[3]), given(saved[4]), saved[5],
+        grads[0].contiguous(format), saved[0], given(saved[1]), given(saved[2]), given(saved[3]), given(saved[4]), saved[5],
         saved[6], ctx->saved_data["groups"].toInt(), ctx->saved_data["silu"].toBool());
     variable_list out{present[0]};  // then one per optional argument, undefined where it was not given
     size_t next = 1;
@@ -233,8 +237,8 @@ at::Tensor group_norm_silu_plain(const at::Tensor& x, const std::optional<at::Te
                                  const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& scale,
                                  const std::optional<at::Tensor>& shift, int64_t groups, double eps, bool silu) {
   auto dense = [](const std::optional<at::Tensor>& t) { return t ? std::optional(t->contiguous()) : t; };
-  return std::get<0>(K::group_norm_silu_forward(x.contiguous(), dense(weight), dense(bias), dense(scale),
-                                                dense(shift), groups, eps, silu));
+  return std::get<0>(K::group_norm_silu_forward(is_channels_last(x) ? x : x.contiguous(), dense(weight),
+                                                dense(bias), dense(scale), dense(shift), groups, eps, silu));
 }
 
 }  // namespace fastforget

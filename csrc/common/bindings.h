@@ -167,12 +167,20 @@ inline DiffusionInputsArgs diffusion_inputs_args(const at::Tensor& y_0, const at
 // Checks the group norm's inputs (x (B, C, ...) contiguous with C a multiple of groups; weight and
 // bias (C,) of one dtype; scale and shift (B, C) of one dtype; all on x's device) and points the
 // kernel arguments at them; outputs and statistics are filled in by the caller.
+// Whether a (B, C, H, W) tensor is laid out channels last (and not also plainly contiguous).
+inline bool is_channels_last(const at::Tensor& x) {
+  return x.dim() == 4 && !x.is_contiguous() && x.is_contiguous(at::MemoryFormat::ChannelsLast);
+}
+
 inline GroupNormArgs group_norm_args(const at::Tensor& x, const std::optional<at::Tensor>& weight,
                                      const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& scale,
-                                     const std::optional<at::Tensor>& shift, int64_t groups, double eps, bool silu) {
-  TORCH_CHECK(x.dim() >= 2 && x.numel() > 0 && x.is_contiguous() && groups > 0 && x.size(1) % groups == 0,
-              "x must be a non-empty contiguous (B, C, ...) tensor with C a multiple of groups ", groups, ", got ",
-              x.sizes());
+                                     const std::optional<at::Tensor>& shift, int64_t groups, double eps, bool silu,
+                                     bool allow_channels_last) {
+  const bool channels_last = allow_channels_last && is_channels_last(x);
+  TORCH_CHECK(x.dim() >= 2 && x.numel() > 0 && (x.is_contiguous() || channels_last) && groups > 0 &&
+                  x.size(1) % groups == 0,
+              "x must be a non-empty contiguous", allow_channels_last ? " or channels-last" : "",
+              " (B, C, ...) tensor with C a multiple of groups ", groups, ", got ", x.sizes());
   const int64_t batch = x.size(0), channels = x.size(1);
   auto check = [&](const std::optional<at::Tensor>& t, const char* name, std::vector<int64_t> shape) {
     if (!t.has_value()) return;
@@ -205,6 +213,7 @@ inline GroupNormArgs group_norm_args(const at::Tensor& x, const std::optional<at
   args.groups = groups;
   args.eps = float(eps);
   args.silu = silu;
+  args.channels_last = channels_last;
   return args;
 }
 
@@ -223,9 +232,9 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_outputs(GroupNo
 inline std::pair<at::Tensor, at::Tensor> group_norm_backward_buffers(GroupNormArgs& args, const at::Tensor& grad,
                                                                      const at::Tensor& x, const at::Tensor& mean,
                                                                      const at::Tensor& rstd) {
-  TORCH_CHECK(grad.sizes() == x.sizes() && grad.is_contiguous() && grad.scalar_type() == x.scalar_type() &&
+  TORCH_CHECK(grad.sizes() == x.sizes() && grad.strides() == x.strides() && grad.scalar_type() == x.scalar_type() &&
                   grad.device() == x.device(),
-              "grad must be contiguous with x's shape, dtype and device");
+              "grad must have x's shape, strides, dtype and device");
   TORCH_CHECK(mean.numel() == args.batch * args.groups && rstd.numel() == mean.numel() &&
                   mean.scalar_type() == at::kFloat && rstd.scalar_type() == at::kFloat && mean.is_contiguous() &&
                   rstd.is_contiguous() && mean.device() == x.device() && rstd.device() == x.device(),

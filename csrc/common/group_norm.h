@@ -3,8 +3,10 @@
 //   y = act(GN(x; weight, bias) * (1 + scale) + shift),   act = SiLU or the identity
 //
 // x (batch, channels, positions) contiguous, so an (image, group) pair is one contiguous block of
-// channels / groups * positions elements. Forward saves each pair's mean and rstd (float32);
-// backward recomputes x_hat and the activation's slope from them.
+// channels / groups * positions elements; or, channels_last, (batch, positions, channels): an
+// image is still one block, each position a run of its channels (the CPU kernels take both).
+// Forward saves each pair's mean and rstd (float32); backward recomputes x_hat and the
+// activation's slope from them.
 #pragma once
 #include <cstdint>
 
@@ -17,6 +19,7 @@ struct GroupNormArgs {
   const void* weight; const void* bias; DType param_dtype;  // (channels,) or null
   const void* scale; const void* shift; DType film_dtype;   // (batch, channels) or null
   int64_t batch, channels, positions, groups;
+  bool channels_last;                  // x, y, dy and dx (batch, positions, channels)
   float eps;
   bool silu;
   float* mean; float* rstd;            // (batch, groups): written by forward, read by backward

@@ -178,16 +178,21 @@ int64_t pair_grain(const GroupNormArgs& a) {
   return std::max<int64_t>(1, (1 << 15) / std::max<int64_t>(1, a.channels / a.groups * a.positions));
 }
 
+// Group norm's tasks: (image, group) pairs, or images when channels last; and their grain.
+std::pair<int64_t, int64_t> group_norm_tasks(const GroupNormArgs& a) {
+  if (a.channels_last) return {a.batch, std::max<int64_t>(1, (1 << 15) / (a.channels * a.positions))};
+  return {a.batch * a.groups, pair_grain(a)};
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_silu_forward(
     const at::Tensor& x, const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
     const std::optional<at::Tensor>& scale, const std::optional<at::Tensor>& shift, int64_t groups, double eps,
     bool silu) {
   TORCH_CHECK(x.device().is_cpu(), "x must be on the CPU, got ", x.device());
-  GroupNormArgs args = group_norm_args(x, weight, bias, scale, shift, groups, eps, silu);
+  GroupNormArgs args = group_norm_args(x, weight, bias, scale, shift, groups, eps, silu, true);
   auto outputs = group_norm_outputs(args, x);
-  at::parallel_for(0, args.batch * groups, pair_grain(args), [&](int64_t begin, int64_t end) {
-    group_norm_forward_pairs(args, begin, end);
-  });
+  const auto [tasks, grain] = group_norm_tasks(args);
+  at::parallel_for(0, tasks, grain, [&](int64_t begin, int64_t end) { group_norm_forward_tasks(args, begin, end); });
   return outputs;
 }
 
@@ -197,11 +202,10 @@ std::vector<at::Tensor> group_norm_silu_backward(
     const std::optional<at::Tensor>& shift, const at::Tensor& mean, const at::Tensor& rstd, int64_t groups,
     bool silu) {
   TORCH_CHECK(x.device().is_cpu(), "x must be on the CPU, got ", x.device());
-  GroupNormArgs args = group_norm_args(x, weight, bias, scale, shift, groups, 0.0, silu);
+  GroupNormArgs args = group_norm_args(x, weight, bias, scale, shift, groups, 0.0, silu, true);
   auto [dx, sums] = group_norm_backward_buffers(args, grad, x, mean, rstd);
-  at::parallel_for(0, args.batch * groups, pair_grain(args), [&](int64_t begin, int64_t end) {
-    group_norm_backward_pairs(args, begin, end);
-  });
+  const auto [tasks, grain] = group_norm_tasks(args);
+  at::parallel_for(0, tasks, grain, [&](int64_t begin, int64_t end) { group_norm_backward_tasks(args, begin, end); });
   return group_norm_grads(dx, sums, weight, bias, scale, shift);
 }
 

@@ -119,10 +119,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_silu_forward(
   TORCH_CHECK(x.is_cuda(), "x must be a CUDA tensor, got ", x.device());
   const c10::cuda::CUDAGuard guard(x.device());
   const auto w = as_float(weight), b = as_float(bias), sc = as_float(scale), sh = as_float(shift);
-  GroupNormArgs args = group_norm_args(x, w, b, sc, sh, groups, eps, silu);
-  auto outputs = group_norm_outputs(args, x);
+  const at::Tensor xd = x.contiguous();  // TODO(gpu): channels-last kernels; for now a copy each way
+  GroupNormArgs args = group_norm_args(xd, w, b, sc, sh, groups, eps, silu, false);
+  auto [y, mean, rstd] = group_norm_outputs(args, xd);
   C10_CUDA_CHECK(launch_group_norm_forward(args, at::cuda::getCurrentCUDAStream()));
-  return outputs;
+  return {is_channels_last(x) ? y.contiguous(at::MemoryFormat::ChannelsLast) : y, mean, rstd};
 }
 
 std::vector<at::Tensor> group_norm_silu_backward(
@@ -133,10 +134,12 @@ std::vector<at::Tensor> group_norm_silu_backward(
   TORCH_CHECK(x.is_cuda(), "x must be a CUDA tensor, got ", x.device());
   const c10::cuda::CUDAGuard guard(x.device());
   const auto w = as_float(weight), b = as_float(bias), sc = as_float(scale), sh = as_float(shift);
-  GroupNormArgs args = group_norm_args(x, w, b, sc, sh, groups, 0.0, silu);
-  auto [dx, sums] = group_norm_backward_buffers(args, grad, x, mean, rstd);
+  const at::Tensor xd = x.contiguous(), gd = grad.contiguous();
+  GroupNormArgs args = group_norm_args(xd, w, b, sc, sh, groups, 0.0, silu, false);
+  auto [dx, sums] = group_norm_backward_buffers(args, gd, xd, mean, rstd);
   C10_CUDA_CHECK(launch_group_norm_backward(args, at::cuda::getCurrentCUDAStream()));
-  return group_norm_grads(dx, sums, weight, bias, scale, shift);
+  return group_norm_grads(is_channels_last(x) ? dx.contiguous(at::MemoryFormat::ChannelsLast) : dx, sums, weight,
+                          bias, scale, shift);
 }
 
 struct Kernels {  // for autograd.h

@@ -1,15 +1,11 @@
 """`fastforget bench step`: one whole unlearning step, three ways, on the same model, data and device.
 
-Providers:
-- reference: the reference code's step (engine_unlearn.py) re-created for MAE: the student under
-  fp16 autocast with a GradScaler (CUDA), the teacher outside autocast in float32 and run twice
-  over the whole batch (clean images, then noise images), MAE's patch embedding of every patch
-  then argsort masking, timm 0.3's attention (an explicit softmax), compute_loss as written, AdamW
-  (not fused), and loss.item() plus a device synchronise every step.
-- pytorch: good plain PyTorch: bf16 autocast (CUDA), scaled_dot_product_attention, fused AdamW, no
-  per-step host reads; still the teacher twice and no fastforget op.
+Providers, for a model of any family:
+- reference: the family's reference code's step, re-created (fastforget/bench/steps/<family>.py);
+- pytorch: that step as good plain PyTorch: bf16 autocast (CUDA), fused optimizer, no per-step
+  host reads, no fastforget op;
 - fastforget: the trainer's own step (train.unlearn.unlearning_step and loop.optimizer_step): one
-  routed teacher pass (bf16 weights on CUDA), the fused ops, fused AdamW, gradient clipping.
+  routed teacher pass (bf16 weights on CUDA), the fused ops, the fused optimizer.
 On the CPU there is no autocast for any provider (bf16 autocast is slower than float32 there).
 `--compile` adds each provider again with its forward under torch.compile.
 
@@ -24,7 +20,6 @@ same run.
 from __future__ import annotations
 
 import contextlib
-import copy
 import datetime
 import gzip
 import json
@@ -38,23 +33,19 @@ from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
-from torch import Tensor, nn
-from torch.nn import functional as F
+from torch import Tensor
 
 from .. import families
 from ..errors import InvalidValue
-from ..models import CONFIGS, create_mae
-from ..ops import reference
-from ..ops.attention import sdpa_attention
-from ..train.loop import Dist, make_optimizer, optimizer_step, param_groups, step_generator
+from ..train.loop import Dist, make_optimizer, optimizer_step, step_generator
 from ..train.unlearn import UnlearnConfig, unlearning_step
-from . import harness, plot
+from . import harness, plot, steps
+from .steps import LR
 from .timing import ROUNDS, matmul_tflops, median_ms, paired_rounds, sync, unsettled_note
 
 PROVIDERS = ("reference", "pytorch", "fastforget")
 CSV_COLUMNS = ("provider", "model", "batch", "device", "ms_per_step", "images_per_s", "speedup", "spread",
                "peak_mem_mb", "mfu", "commit", "date")
-LR = 1e-4
 
 
 @dataclass(frozen=True)
@@ -62,7 +53,7 @@ class Spec:
     provider: str
     model: str
     batch: int
-    mask_ratio: float
+    mask_ratio: Optional[float]  # MAE's; None for families without masks
     device: str
     compiled: bool = False
     reps: int = 10
@@ -73,116 +64,14 @@ class Spec:
         return self.provider + ("+compile" if self.compiled else "")
 
 
-# -- the model's work ---------------------------------------------------------------------------
-
-def _encoder_parts(model, batch: int, mask_ratio: float) -> tuple[float, float]:
-    """Matmul FLOPs of one encoder forward over the kept patches: (patch embedding, blocks)."""
-    length = model.num_patches
-    kept = length - int(length * mask_ratio)
-    tokens, width = 1 + kept, model.pos_embed.shape[-1]
-    hidden = model.blocks[0].mlp.fc1.out_features
-    patch = model.patch_embed.proj.weight[0].numel()
-    per_block = 2 * tokens * (4 * width * width + 2 * width * hidden) + 4 * tokens * tokens * width
-    return float(batch * 2 * kept * patch * width), float(batch * len(model.blocks) * per_block)
-
-
-def encoder_flops(model, batch: int, mask_ratio: float) -> float:
-    """Matmul FLOPs of one encoder forward over the kept patches (patch embedding, blocks)."""
-    return sum(_encoder_parts(model, batch, mask_ratio))
-
-
-def step_flops(model, batch: int, mask_ratio: float) -> float:
-    """The method's step: student forward (1x) and backward (2x; the patch embedding 1x, as images
-    take no gradient), one teacher forward (1x)."""
-    patch, blocks = _encoder_parts(model, batch, mask_ratio)
-    return 3 * patch + 4 * blocks
-
-
-# -- MAE as the reference code runs it ----------------------------------------------------------
-
-def mae_encode(model, imgs: Tensor, ids_keep: Tensor, explicit_attention: bool) -> Tensor:
-    """models_mae.py's forward_encoder on given kept ids: every patch embedded, positions added, the
-    kept ones gathered, the cls token prepended; no fastforget op."""
-    x = F.conv2d(model.normalize(imgs), model.patch_embed.proj.weight, model.patch_embed.proj.bias,
-                 stride=model.patch_size)
-    x = x.flatten(2).transpose(1, 2) + model.pos_embed[:, 1:]
-    x = torch.gather(x, 1, ids_keep.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
-    cls = (model.cls_token + model.pos_embed[:, :1]).expand(x.shape[0], -1, -1)
-    x = torch.cat([cls, x], dim=1)
-    for blk in model.blocks:
-        h = blk.norm1(x)
-        # timm 0.3's explicit softmax (the reference code's), or plain PyTorch's SDPA: no fastforget op
-        attend = reference.qkv_attention if explicit_attention else sdpa_attention
-        x = x + blk.attn.proj(attend(blk.attn.qkv(h), blk.attn.num_heads))
-        x = x + blk.mlp(blk.norm2(x))
-    return model.norm(x)
-
-
-def _kept_ids(noise: Tensor, mask_ratio: float) -> Tensor:
-    """MAE's random_masking: the first (1 - ratio) L of argsort(noise)."""
-    keep = noise.shape[1] - int(noise.shape[1] * mask_ratio)
-    return torch.argsort(noise, dim=1)[:, :keep]
-
-
-def _noise_images(imgs: Tensor) -> Tensor:
-    """The reference's noise batch: Gaussian with the batch's mean and std, clamped to [0, 1]."""
-    return (torch.randn_like(imgs) * imgs.std() + imgs.mean()).clamp(0.0, 1.0)
-
-
-# -- the three steps ----------------------------------------------------------------------------
-
-def _encoder_only(model: nn.Module) -> nn.Module:
-    model.requires_grad_(False)
-    for p in model.encoder_parameters():
-        p.requires_grad_(True)
-    return model
-
-
-def _two_pass_step(spec: Spec, model, imgs: Tensor, is_forget: Tensor, plain: bool):
-    """reference (plain=False) or pytorch (plain=True): the teacher twice over the whole batch."""
-    cuda = imgs.device.type == "cuda"
-    student = _encoder_only(model)
-    teacher = copy.deepcopy(model).eval().requires_grad_(False)
-    params = [p for p in student.parameters() if p.requires_grad]
-    if plain:
-        optimizer = make_optimizer(student, 0.05, LR)
-        student_cast = teacher_cast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda)
-    else:  # as MAE's engine: AdamW's default implementation, fp16 autocast with a loss scaler
-        optimizer = torch.optim.AdamW(param_groups(student.named_parameters(), 0.05), lr=LR, betas=(0.9, 0.95))
-        student_cast, teacher_cast = torch.autocast("cuda", dtype=torch.float16, enabled=cuda), contextlib.nullcontext()
-    scaler = torch.amp.GradScaler("cuda", enabled=cuda and not plain)
-
-    def forward(imgs, is_forget, ids_keep):
-        with student_cast:
-            latent = mae_encode(student, imgs, ids_keep, explicit_attention=not plain)
-        with torch.no_grad(), teacher_cast:
-            clean = mae_encode(teacher, imgs, ids_keep, explicit_attention=not plain)
-            noisy = mae_encode(teacher, _noise_images(imgs), ids_keep, explicit_attention=not plain)
-        return reference.reference_code_loss(latent, clean, noisy, is_forget)
-
-    forward = torch.compile(forward) if spec.compiled else forward
-
-    def step():
-        ids_keep = _kept_ids(torch.rand(imgs.shape[0], model.num_patches, device=imgs.device), spec.mask_ratio)
-        loss = forward(imgs, is_forget, ids_keep)
-        if plain:
-            loss.backward()
-            optimizer_step(optimizer, params, 3.0)
-            return
-        loss.item()  # the reference logs every step: a host read
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad()
-        sync(imgs.device)
-    return step
-
+# -- the trainer's own step ----------------------------------------------------------------------
 
 def _fastforget_step(spec: Spec, model, imgs: Tensor, is_forget: Tensor):
     d = Dist(device=imgs.device)
-    cfg = UnlearnConfig(checkpoint="", mask_ratio=spec.mask_ratio).for_family(families.of(model))
+    family = families.of(model)
+    cfg = UnlearnConfig(checkpoint="", **steps.of(family.name).options(spec)).for_family(family)
     module, loss_fn = unlearning_step(cfg, model, d)
-    optimizer = make_optimizer(module, cfg.loop.weight_decay, LR)
+    optimizer = make_optimizer(module, cfg.loop.weight_decay, LR, cfg.loop.betas)
     params = [p for p in module.parameters() if p.requires_grad]
     forward = torch.compile(loss_fn) if spec.compiled else loss_fn
     counter = iter(range(1 << 62))
@@ -195,16 +84,18 @@ def _fastforget_step(spec: Spec, model, imgs: Tensor, is_forget: Tensor):
 
 
 def build(spec: Spec):
-    """(model, step) for spec: a fresh mae of spec.model on its device and one provider's step."""
+    """(model, step) for spec: a fresh model of spec.model on its device and one provider's step
+    on a batch of random images, every other row a forget row."""
     device = torch.device(spec.device)
     torch.manual_seed(0)
-    model = create_mae(spec.model).to(device)
-    size, chans = model.patch_embed.img_size[0], model.patch_embed.proj.in_channels
+    family = families.of_model(spec.model)
+    model = family.create(spec.model).to(device)
+    chans, size = family.image_shape(model)
     imgs = torch.rand(spec.batch, chans, size, size, device=device)
     is_forget = torch.arange(spec.batch, device=device) % 2 == 0
     if spec.provider == "fastforget":
         return model, _fastforget_step(spec, model, imgs, is_forget)
-    return model, _two_pass_step(spec, model, imgs, is_forget, plain=spec.provider == "pytorch")
+    return model, steps.of(family.name).baseline_step(spec, model, imgs, is_forget, plain=spec.provider == "pytorch")
 
 
 def _built(spec: Spec):
@@ -216,7 +107,7 @@ def _built(spec: Spec):
     for _ in range(3):
         step()
     sync(device)
-    info = {"flops": step_flops(model, spec.batch, spec.mask_ratio)}
+    info = {"flops": steps.of(families.of(model).name).flops(model, spec)}
     if device.type == "cuda":
         info["peak_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
     return step, info
@@ -431,15 +322,16 @@ def main(args) -> int:
     unknown = sorted(set(providers) - set(PROVIDERS))
     if unknown:
         raise InvalidValue(f"--providers: unknown {unknown}; expected a comma-separated subset of {PROVIDERS}")
-    if args.model not in CONFIGS:
-        raise InvalidValue(f"--model: unknown model {args.model!r}; expected one of {sorted(CONFIGS)}")
-    specs = [Spec(p, args.model, args.batch_size, args.mask_ratio, device, c, args.reps, args.min_time)
+    family = families.of_model(args.model)  # an unknown model: named, with every family's
+    mask_ratio = family.check_option("mask_ratio", args.mask_ratio)
+    specs = [Spec(p, args.model, args.batch_size, mask_ratio, device, c, args.reps, args.min_time)
              for c in ([False, True] if args.compile else [False]) for p in providers]
     def report(results: list[dict], note: str) -> None:
         dev = torch.device(device)
         rate = matmul_tflops(dev, torch.bfloat16 if dev.type == "cuda" else torch.float32)
         table = rows(results, rate, harness.commit())
-        print(format_table(f"unlearning step, {args.model}, batch {args.batch_size}, mask {args.mask_ratio} on "
+        masks = f", mask {mask_ratio}" if mask_ratio is not None else ""
+        print(format_table(f"unlearning step, {args.model}, batch {args.batch_size}{masks} on "
                            f"{device}; matmul rate {rate:.2f} TFLOP/s, threads {torch.get_num_threads()}", table,
                            note), flush=True)
         if args.csv:

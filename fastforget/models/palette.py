@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from ..errors import InvalidValue
-from ..ops import group_norm_silu
+from ..ops import group_norm_silu, qkv_attention
 from ..weights import load_weights
 
 SCHEDULE_BUFFERS = ("gammas", "sqrt_recip_gammas", "sqrt_recipm1_gammas", "posterior_log_variance_clipped",
@@ -99,7 +99,11 @@ class ResBlock(nn.Module):
 class AttentionBlock(nn.Module):
     """Self-attention over the spatial positions: x + proj_out(attention(qkv(GN(x)))), with the
     legacy head order (QKVAttentionLegacy: head j's q, k, v are channels [96j, 96j + 32), ... at
-    32-channel heads) and scale 1/sqrt(head channels), as SDPA's default."""
+    32-channel heads) and scale 1/sqrt(head channels), as SDPA's default.
+
+    Computed on tokens (B, T, C), a view of channels-last activations: the 1x1 convs as Linears,
+    the qkv weight's rows taken in timm's (3, heads, head_dim) order so fastforget's qkv_attention
+    (the CPU's fused kernel, SDPA on GPUs) reads the projection as it comes."""
 
     def __init__(self, channels: int, num_head_channels: int = -1, num_heads: int = 1, groups: int = 32):
         super().__init__()
@@ -110,15 +114,17 @@ class AttentionBlock(nn.Module):
         self.norm = GroupNorm32(groups, channels)
         self.qkv = nn.Conv1d(channels, channels * 3, 1)
         self.proj_out = nn.Conv1d(channels, channels, 1)
+        # timm's row s * C + j (s: q, k or v; j = head * head_dim + d) is the legacy row head * 3 hd + s hd + d
+        head_dim = channels // self.num_heads
+        legacy = torch.arange(3 * channels).reshape(self.num_heads, 3, head_dim).transpose(0, 1).reshape(-1)
+        self.register_buffer("timm_rows", legacy, persistent=False)
 
     def forward(self, x: Tensor, emb: Optional[Tensor] = None) -> Tensor:
         b, c, *spatial = x.shape
-        x = x.reshape(b, c, -1)
-        qkv = self.qkv(self.norm(x))  # (B, heads * 3 * ch, T)
-        length = qkv.shape[-1]
-        q, k, v = qkv.reshape(b, self.num_heads, 3, c // self.num_heads, length).transpose(-1, -2).unbind(2)
-        h = F.scaled_dot_product_attention(q, k, v).transpose(-1, -2).reshape(b, c, length)
-        return (x + self.proj_out(h)).reshape(b, c, *spatial)
+        tokens = self.norm(x).reshape(b, c, -1).transpose(1, 2)  # (B, T, C)
+        qkv = F.linear(tokens, self.qkv.weight[self.timm_rows, :, 0], self.qkv.bias[self.timm_rows])
+        h = F.linear(qkv_attention(qkv, self.num_heads), self.proj_out.weight[:, :, 0], self.proj_out.bias)
+        return x + h.transpose(1, 2).reshape(b, c, *spatial)  # channels last
 
 
 class EmbedSequential(nn.Sequential):

@@ -131,6 +131,18 @@ def _torch_backward(grad, x, weight, bias, scale, shift, mean, rstd, groups, sil
         cast(d_shift, shift)
 
 
+def _layout(x: Tensor) -> torch.memory_format:
+    """channels_last for a (B, C, H, W) x laid out so (the CPU kernels take it as it is; outputs
+    keep it on every backend), else contiguous."""
+    cl = x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+    return torch.channels_last if cl else torch.contiguous_format
+
+
+def _dense(x: Tensor, name: str) -> Tensor:
+    """x as backend `name`'s kernels take it: the cpu's and torch's in its layout, the GPUs' contiguous."""
+    return x.contiguous(memory_format=_layout(x) if name in ("cpu", "torch") else torch.contiguous_format)
+
+
 def _impl(name: str, torch_fn, kernel: str):
     if name == "torch":
         return torch_fn
@@ -151,13 +163,14 @@ def _forward(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], scale:
     """(y, mean (B, G) float32, rstd (B, G) float32) of a contiguous x."""
     name = backends.select("group_norm_silu", backend, x.device)
     dense = lambda t: None if t is None else t.contiguous()  # noqa: E731
-    return _impl(name, _torch_forward, "forward")(x.contiguous(), dense(weight), dense(bias), dense(scale),
-                                                    dense(shift), groups, eps, silu)
+    y, mean, rstd = _impl(name, _torch_forward, "forward")(_dense(x, name), dense(weight), dense(bias), dense(scale),
+                                                             dense(shift), groups, eps, silu)
+    return y.contiguous(memory_format=_layout(x)), mean, rstd
 
 
 def _forward_fake(x, weight, bias, scale, shift, groups, eps, silu, backend):
     stats = x.new_empty((x.shape[0], groups), dtype=torch.float32)
-    return torch.empty_like(x, memory_format=torch.contiguous_format), stats, stats.clone()
+    return torch.empty_like(x, memory_format=_layout(x)), stats, stats.clone()
 
 
 def _backward_kernel(grad: Tensor, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
@@ -166,13 +179,16 @@ def _backward_kernel(grad: Tensor, x: Tensor, weight: Optional[Tensor], bias: Op
     """[d x, then d weight, d bias, d scale, d shift of those given]."""
     name = backends.select("group_norm_silu backward", backend, x.device)
     dense = lambda t: None if t is None else t.contiguous()  # noqa: E731
-    grads = _impl(name, _torch_backward, "backward")(grad.contiguous(), x.contiguous(), dense(weight), dense(bias),
-                                                       dense(scale), dense(shift), mean, rstd, groups, silu)
-    return [g for g in grads if g is not None]
+    x_dense = _dense(x, name)
+    grads = _impl(name, _torch_backward, "backward")(grad.contiguous(memory_format=_layout(x_dense)), x_dense,
+                                                       dense(weight), dense(bias), dense(scale), dense(shift), mean,
+                                                       rstd, groups, silu)
+    return [grads[0].contiguous(memory_format=_layout(x))] + [g for g in grads[1:] if g is not None]
 
 
 def _backward_fake(grad, x, weight, bias, scale, shift, mean, rstd, groups, silu, backend):
-    return [torch.empty_like(t) for t in (x, weight, bias, scale, shift) if t is not None]
+    return [torch.empty_like(x, memory_format=_layout(x))] + [torch.empty_like(t) for t in (weight, bias, scale, shift)
+                                                              if t is not None]
 
 
 def _setup_context(ctx, inputs, output):
