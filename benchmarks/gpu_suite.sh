@@ -3,9 +3,9 @@
 # leave six files in $OUT (default ./gpu-out; the device tool brings back at most eight):
 # results.md (the tables, the fastforget step's top GPU ops, the tests' summary), step.csv/.png,
 # ops.csv/.png and logs.tar.gz (every log, ptxas's report, each provider's profile and trace).
-# Stage limits add up to 8 minutes (90 + 150 + 30 + 120 + 90 s); results.md is written however the
-# script ends, so a stopped run still reports what it measured (bench ops writes its CSV and plot
-# row by row, the attention rows last).
+# Stage limits add up to 8.7 minutes (90 + 120 + 30 + 90 + 90 + 100 s); results.md is written
+# however the script ends, so a stopped run still reports what it measured (bench ops writes its
+# CSV and plot row by row, the attention rows last).
 #   FASTFORGET_COMMIT=$(git rev-parse --short HEAD) bash benchmarks/gpu_suite.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -15,19 +15,24 @@ mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 FASTFORGET_CACHE=/tmp/fastforget-cache
 export FASTFORGET_COMMIT=${FASTFORGET_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
 PY=${PYTHON:-python3}
-build_rc=- tests_rc=- timing_rc=- ops_rc=- step_rc=-
+build_rc=- tests_rc=- timing_rc=- ops_rc=- step_rc=- palette_rc=-
 step() { echo "== $1 ($(date +%T))" | tee -a "$LOGS/suite.log"; }
 
 summary() {
   {
     echo "# fastforget GPU suite"
     echo "date: $(date -u +%F) · commit: $FASTFORGET_COMMIT · $(tail -1 "$LOGS/gpu.txt" 2>/dev/null)"
-    echo "build rc=$build_rc · gpu tests rc=$tests_rc, timing tests rc=$timing_rc · step rc=$step_rc · ops rc=$ops_rc"
+    echo "build rc=$build_rc · gpu tests rc=$tests_rc, timing tests rc=$timing_rc · step rc=$step_rc," \
+      "palette step rc=$palette_rc · ops rc=$ops_rc"
     echo
     echo '```'
     grep -hv "^W1" "$LOGS/step.log" 2>/dev/null
     echo
     head -40 "$LOGS/profile/fastforget.txt" 2>/dev/null
+    echo
+    grep -hv "^W1" "$LOGS/palette.log" 2>/dev/null
+    echo
+    head -40 "$LOGS/profile-palette/fastforget.txt" 2>/dev/null
     echo
     grep -hv "^W1" "$LOGS/ops.log" 2>/dev/null
     echo
@@ -53,17 +58,22 @@ $PY -m fastforget.cli info | tee "$LOGS/info.txt"
 
 step "GPU tests (4 processes when pytest-xdist is there), then the timing tests alone"
 parallel=$($PY -c "import xdist" 2>/dev/null && echo "-n 4")
-timeout 150 $PY -m pytest -q -ra --durations=15 $parallel -m "gpu and not timing" tests/ >"$LOGS/tests.log" 2>&1
+timeout 120 $PY -m pytest -q -ra --durations=15 $parallel -m "gpu and not timing" tests/ >"$LOGS/tests.log" 2>&1
 tests_rc=$?
 tail -3 "$LOGS/tests.log"
 timeout 30 $PY -m pytest -q -ra -m "gpu and timing" tests/ >"$LOGS/timing.log" 2>&1
 timing_rc=$?
 
 step "bench step (mae_vit_large_patch16, 224px, mask 0.75, batch 128), then each provider profiled"
-timeout 120 $PY -m fastforget.cli bench step --model mae_vit_large_patch16 --batch-size 128 --device cuda \
+timeout 90 $PY -m fastforget.cli bench step --model mae_vit_large_patch16 --batch-size 128 --device cuda \
   --min-time 1 --csv "$OUT/step.csv" --profile "$LOGS/profile" >"$LOGS/step.log" 2>&1
 step_rc=$?
 
-step "bench ops (every op, MAE/MAGE shapes, against the roofline)"
-timeout 90 $PY -m fastforget.cli bench ops --device cuda --reps 20 --csv "$OUT/ops.csv" >"$LOGS/ops.log" 2>&1
+step "bench step (palette_places2, 256px, batch 12: the issue's goals 2.5x reference, 1.3x pytorch)"
+timeout 90 $PY -m fastforget.cli bench step --model palette_places2 --batch-size 12 --device cuda \
+  --min-time 1 --csv "$OUT/step.csv" --profile "$LOGS/profile-palette" >"$LOGS/palette.log" 2>&1
+palette_rc=$?
+
+step "bench ops (every op, MAE/MAGE/Palette shapes, against the roofline)"
+timeout 100 $PY -m fastforget.cli bench ops --device cuda --reps 20 --csv "$OUT/ops.csv" >"$LOGS/ops.log" 2>&1
 ops_rc=$?

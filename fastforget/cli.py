@@ -77,6 +77,12 @@ def build_parser() -> argparse.ArgumentParser:
     teacher.add_argument("--batch-size", type=count, default=64)
     teacher.add_argument("--image-size", type=count, default=224)
     _common(teacher)
+    norm = ops.add_parser("group-norm", help="group_norm_silu forward+backward (32 groups, FiLM, SiLU)")
+    norm.add_argument("--shape", type=count, nargs="+", default=[12, 64, 256, 256], help="x's shape (B, C, H, W)")
+    _common(norm)
+    diffusion = ops.add_parser("diffusion-inputs", help="make_diffusion_inputs (the student's and teacher's)")
+    diffusion.add_argument("--shape", type=count, nargs=4, default=[12, 3, 256, 256], help="y_0's shape (B, C, H, W)")
+    _common(diffusion)
 
     overhead = ops.add_parser("overhead", help="what each op call costs beyond its kernel, at a tiny shape")
     overhead.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
@@ -276,9 +282,10 @@ def run(args: argparse.Namespace) -> int:
         return 0
     from .bench import loss as bench_loss, ops as bench_ops, patch as bench_patch, step as bench_step
     from .bench import attention as bench_attention, overhead as bench_overhead, teacher as bench_teacher
+    from .bench import diffusion as bench_diffusion, group_norm as bench_group_norm
 
     return {"loss": bench_loss, "patch": bench_patch, "attention": bench_attention, "teacher": bench_teacher,
-            "step": bench_step, "ops": bench_ops,
+            "group-norm": bench_group_norm, "diffusion-inputs": bench_diffusion, "step": bench_step, "ops": bench_ops,
             "overhead": bench_overhead}[args.op].main(args)
 
 

@@ -8,6 +8,7 @@ bandwidth measured in the same run.
 from __future__ import annotations
 
 import torch
+from torch.nn import functional as F
 
 from ..ops import reference, unlearn_loss
 from . import harness
@@ -49,6 +50,38 @@ def measure(shape, dtype: torch.dtype, device: torch.device, reps: int = 10) -> 
     timed = harness.run(steps, device, nbytes / 1e9, reps=reps)
     return harness.measured("loss", "unlearn_loss forward+backward", "x".join(map(str, shape)), dtype, device, timed,
                             "GB/s", copy_gbs, "copy bandwidth")
+
+
+# Palette's 13 encoder features at 256 px, per image: (channels, side)
+PALETTE_FEATURES = [(64, 256)] * 3 + [(64, 128), (128, 128), (128, 128), (128, 64), (256, 64), (256, 64),
+                                      (256, 32), (512, 32), (512, 32), (512, 32)]
+
+
+def measure_features(batch: int, dtype: torch.dtype, device: torch.device, reps: int = 10) -> harness.Measured:
+    """Palette's loss over its 13 features in one call (normalize "batch"), against the reference's
+    weighted_mse_loss: F.mse_loss of the row-masked copies, feature by feature."""
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    make = lambda c, s: torch.randn(batch, c, s, s, generator=gen).to(device, dtype)  # noqa: E731
+    students = [make(c, s).requires_grad_() for c, s in PALETTE_FEATURES]
+    targets = [make(c, s) for c, s in PALETTE_FEATURES]
+    is_forget = (torch.arange(batch) % 2 == 0).to(device)
+    labels = torch.where(is_forget, -1.0, 1.0).to(dtype)
+
+    def eager(ss, ts):
+        r, f = ((labels + 1) / 2).view(-1, 1, 1, 1), ((1 - labels) / 2).view(-1, 1, 1, 1)
+        return sum(F.mse_loss(s * r, t * r) + 0.1 * F.mse_loss(s * f, t * f) for s, t in zip(ss, ts))
+
+    def step(fn):
+        return lambda: torch.autograd.grad(fn(students, targets), students)
+
+    providers = {"eager": step(eager), "compile": step(torch.compile(eager))}
+    providers.update(harness.backend_providers(device, lambda name: step(lambda ss, ts: unlearn_loss(
+        ss, ts, ts, is_forget, forget_weight=0.1, normalize="batch", backend=name).loss)))
+    nbytes = sum(bytes_moved(s) for s in students)
+    copy_gbs = copy_bandwidth_gbs(nbytes // 3, device)
+    timed = harness.run(providers, device, nbytes / 1e9, reps=reps)
+    return harness.measured("loss", "unlearn_loss over Palette's 13 features, forward+backward",
+                            f"B={batch} 13 features", dtype, device, timed, "GB/s", copy_gbs, "copy bandwidth")
 
 
 def main(args) -> int:

@@ -3,7 +3,9 @@
 Shapes are MAE's and MAGE's: MAE ViT-B/L latents (1 + 49 tokens at mask 0.75, width 768/1024),
 MAGE ViT-B latents (1 + 64 buffer + 128 kept tokens at mask 0.5, width 768), their patch
 embeddings, their encoders' attention (and the digits model's: 17 tokens, 4 heads of 16) and
-224x224 / 256x256 teacher batches. `large` is the GPU set; `small` shrinks the
+224x224 / 256x256 teacher batches; and Palette's at 256 px, per-GPU batch 12: its 13 encoder
+features in one loss, its GroupNorm chains (the first level, 64 x 256 x 256, and the middle,
+512 x 32 x 32) and its step inputs. `large` is the GPU set; `small` shrinks the
 batches so the CPU finishes in minutes. Each row's rate is the bytes or FLOPs the op must move or
 do over its time, beside the copy bandwidth or matmul rate measured in the same run. Last, each
 op's call overhead at a tiny shape (bench overhead).
@@ -15,7 +17,7 @@ import os
 
 import torch
 
-from . import attention, harness, loss, overhead, patch, plot, teacher
+from . import attention, diffusion, group_norm, harness, loss, overhead, patch, plot, teacher
 
 MAE_L, MAE_B, MAGE_B = (50, 1024), (50, 768), (193, 768)  # (tokens, width) of the encoders' latents
 
@@ -31,6 +33,12 @@ LARGE = [
     ("teacher", "float32", (256, 224)),
     ("teacher", "bfloat16", (256, 256)),
     ("teacher", "float32", (1024, 224)),
+    ("palette_loss", "bfloat16", (12,)),
+    ("group_norm", "bfloat16", ((12, 64, 256, 256),)),
+    ("group_norm", "bfloat16", ((12, 512, 32, 32),)),
+    ("group_norm", "float32", ((12, 64, 256, 256),)),
+    ("diffusion_inputs", "bfloat16", ((12, 3, 256, 256),)),
+    ("diffusion_inputs", "float32", ((12, 3, 256, 256),)),
     # last: the suite's time limit cuts these first (each compiles eager attention); on GPUs the op
     # is torch's SDPA, measured for the dispatcher's record, not a fastforget kernel
     ("attention", "bfloat16", (256, 50, 16, 64)),
@@ -46,8 +54,14 @@ SMALL = [
     ("attention", "float32", (16, 50, 16, 64)),
     ("teacher", "float32", (16, 224)),
     ("teacher", "float32", (16, 256)),
+    ("palette_loss", "float32", (2,)),
+    ("group_norm", "float32", ((4, 64, 64, 64),)),
+    ("group_norm", "float32", ((4, 512, 16, 16),)),
+    ("diffusion_inputs", "float32", ((4, 3, 256, 256),)),
 ]
-MEASURE = {"loss": loss.measure, "patch": patch.measure, "attention": attention.measure, "teacher": teacher.measure}
+MEASURE = {"loss": loss.measure, "palette_loss": loss.measure_features, "patch": patch.measure,
+           "attention": attention.measure, "teacher": teacher.measure, "group_norm": group_norm.measure,
+           "diffusion_inputs": diffusion.measure}
 
 
 def sweep(sizes: list, device: torch.device, reps: int, csv_path: str | None) -> list:
