@@ -6,13 +6,14 @@ diffusion model's step inputs and its GroupNorm-scale-shift-SiLU chain, register
 ops with autograd; a trainer, evaluation and baselines for MAE and Palette (fastforget.families).
 """
 from . import nn
+from .method import EncoderUnlearning, frozen_copy
 from .train import LoopConfig, PretrainConfig, UnlearnConfig, pretrain, unlearn
 from .ops import (UnlearnLossOutput, group_norm_silu, make_diffusion_inputs, make_teacher_batch, masked_patch_embed,
                   random_masking, unlearn_loss)
 
 __version__ = "0.1.0"
 __all__ = [
-    "LoopConfig", "PretrainConfig", "UnlearnConfig", "UnlearnLossOutput", "group_norm_silu", "make_diffusion_inputs",
-    "make_teacher_batch",
-    "masked_patch_embed", "nn", "pretrain", "random_masking", "unlearn", "unlearn_loss", "__version__",
+    "EncoderUnlearning", "LoopConfig", "PretrainConfig", "UnlearnConfig", "UnlearnLossOutput", "frozen_copy",
+    "group_norm_silu", "make_diffusion_inputs", "make_teacher_batch", "masked_patch_embed", "nn", "pretrain",
+    "random_masking", "unlearn", "unlearn_loss", "__version__",
 ]
