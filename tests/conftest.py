@@ -43,3 +43,28 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+def one_and_two_ranks(args: list, batch: int, out):
+    """`fastforget ARGS` as one process with batch 2 * `batch`, then under torchrun as 2 CPU ranks
+    of `batch` each, into out/one and out/two: (the two checkpoints, their metrics.jsonl lines,
+    the two runs' stdout)."""
+    import json
+    import subprocess
+    import sys
+
+    from fastforget.train.loop import load_checkpoint
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    launch = {"one": [sys.executable, "-m", "fastforget.cli"],
+              "two": [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                      "-m", "fastforget.cli"]}
+    stdout = []
+    for run, per_rank in (("one", 2 * batch), ("two", batch)):
+        proc = subprocess.run([*launch[run], *args, "--batch-size", str(per_rank), "--out", str(out / run)], env=env,
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        stdout.append(proc.stdout)
+    checkpoints = [load_checkpoint(str(out / run / "checkpoint.pt")) for run in ("one", "two")]
+    logs = [[json.loads(line) for line in open(out / run / "metrics.jsonl")] for run in ("one", "two")]
+    return checkpoints, logs, stdout

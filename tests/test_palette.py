@@ -4,11 +4,8 @@ and sizes, the schedule, the gamma embedding, the legacy attention, the 13 featu
 sampler, the unlearning step's routing and loss, the baselines' losses, the training masks, and
 the trainer on palette_tiny (what trains, resume, two ranks)."""
 import copy
-import json
 import math
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -23,6 +20,8 @@ from fastforget.models.palette import SCHEDULE_BUFFERS, AttentionBlock, GroupNor
 from fastforget.train import LoopConfig, PretrainConfig, UnlearnConfig, pretrain, unlearn
 from fastforget.train.loop import load_checkpoint
 from fastforget.train.unlearn import unlearning_step
+
+from conftest import one_and_two_ranks
 
 PALETTE = families.get("palette")
 ENCODER = ("denoise_fn.cond_embed.", "denoise_fn.input_blocks.", "denoise_fn.middle_block.")
@@ -404,20 +403,10 @@ def test_resume_repeats_the_uninterrupted_run_bitwise(original, tmp_path):
 def test_two_ranks_compute_what_one_does(original, tmp_path):
     """torchrun, 2 CPU ranks with 8 images each = 1 process with 16: each rank takes its rows of
     the global batch's levels, masks and noise."""
-    common = ["unlearn", "--checkpoint", original, "--forget-classes", "0,1", "--retain-classes", "2,3",
-              "--epochs", "0.15", "--lr", "1e-4", "--device", "cpu", "--log-every", "1"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    one = subprocess.run([sys.executable, "-m", "fastforget.cli", *common, "--batch-size", "16", "--out",
-                          str(tmp_path / "one")], env=env, capture_output=True, text=True, timeout=300)
-    assert one.returncode == 0, one.stderr[-2000:]
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                          "-m", "fastforget.cli", *common, "--batch-size", "8", "--out", str(tmp_path / "two")],
-                         env=env, capture_output=True, text=True, timeout=300)
-    assert two.returncode == 0, two.stderr[-2000:]
-    a = load_checkpoint(str(tmp_path / "one" / "checkpoint.pt"))
-    b = load_checkpoint(str(tmp_path / "two" / "checkpoint.pt"))
+    (a, b), logs, _ = one_and_two_ranks(["unlearn", "--checkpoint", original, "--forget-classes", "0,1",
+                                         "--retain-classes", "2,3", "--epochs", "0.15", "--lr", "1e-4", "--device",
+                                         "cpu", "--log-every", "1"], 8, tmp_path)
     assert a["step"] == b["step"] >= 2
-    logs = [[json.loads(line) for line in open(tmp_path / run / "metrics.jsonl")] for run in ("one", "two")]
     assert len(logs[0]) == len(logs[1]) == a["step"]
     for m1, m2 in zip(*logs):  # every step's loss and gradient norm: the same trajectory
         for key in ("loss", "retain_loss", "forget_loss", "grad_norm"):

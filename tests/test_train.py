@@ -1,8 +1,5 @@
 """The trainer: data selection, the 1:1 stream, what trains, exact resumption, DDP, checkpoints."""
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -11,6 +8,8 @@ from fastforget.models import load_mae
 from fastforget.train import LoopConfig, PretrainConfig, UnlearnConfig, pretrain, unlearn
 from fastforget.train import data as data_lib
 from fastforget.train.loop import load_checkpoint
+
+from conftest import one_and_two_ranks
 
 
 @pytest.fixture(scope="module")
@@ -108,30 +107,20 @@ def test_compiled_step_trains_as_the_eager_one(original, tmp_path):
 def test_two_ranks_compute_what_one_does(original, tmp_path):
     """torchrun, 2 CPU ranks (gloo) with 8 images each = 1 process with 16, to float rounding; each
     rank takes its rows of the global batch's masks, noise and crops."""
-    common = ["unlearn", "--checkpoint", original, "--forget-classes", "0,1", "--retain-classes", "2,3",
-              "--epochs", "0.4", "--blr", "1e-3", "--noise", "uniform", "--device", "cpu", "--log-every", "1",
-              "--augment", "crop-flip"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    one = subprocess.run([sys.executable, "-m", "fastforget.cli", *common, "--batch-size", "16", "--out",
-                          str(tmp_path / "one")], env=env, capture_output=True, text=True, timeout=300)
-    assert one.returncode == 0, one.stderr[-2000:]
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                          "-m", "fastforget.cli", *common, "--batch-size", "8", "--out", str(tmp_path / "two")],
-                         env=env, capture_output=True, text=True, timeout=300)
-    assert two.returncode == 0, two.stderr[-2000:]
-    a = load_checkpoint(str(tmp_path / "one" / "checkpoint.pt"))
-    b = load_checkpoint(str(tmp_path / "two" / "checkpoint.pt"))
+    (a, b), logs, (one_out, two_out) = one_and_two_ranks(
+        ["unlearn", "--checkpoint", original, "--forget-classes", "0,1", "--retain-classes", "2,3", "--epochs", "0.4",
+         "--blr", "1e-3", "--noise", "uniform", "--device", "cpu", "--log-every", "1", "--augment", "crop-flip"],
+        8, tmp_path)
     assert a["step"] == b["step"] >= 2
     for name, value in a["model"].items():
         torch.testing.assert_close(value, b["model"][name], rtol=1e-4, atol=1e-5, msg=name)
     # The log is the global batch's, and the run reads the same whatever its world size: one
     # summary line, the same losses in metrics.jsonl.
-    logs = [[json.loads(line) for line in open(tmp_path / run / "metrics.jsonl")] for run in ("one", "two")]
     assert [m["step"] for m in logs[0]] == [m["step"] for m in logs[1]]
     for m1, m2 in zip(*logs):
         for key in ("loss", "retain_loss", "forget_loss", "grad_norm"):
             assert m2[key] == pytest.approx(m1[key], rel=1e-4, abs=1e-7), (m1["step"], key)
-    assert one.stdout.count("wrote ") == two.stdout.count("wrote ") == 1
+    assert one_out.count("wrote ") == two_out.count("wrote ") == 1
 
 
 def test_demo_runs_end_to_end_at_toy_length(tmp_path):
@@ -144,6 +133,23 @@ def test_demo_runs_end_to_end_at_toy_length(tmp_path):
     saved = json.load(open(tmp_path / "report.json"))
     assert all(saved["models"][m][s]["mse"] > 0 for m in saved["models"] for s in ("forget", "retain"))
     assert (tmp_path / "reconstructions.png").stat().st_size > 1000
+
+
+def test_palette_demo_runs_end_to_end_at_toy_length(tmp_path, capsys):
+    """The same report layout for the diffusion family: tasks.inpaint.<model>.<set>.<metric>, each
+    metric the mean over the sampler seeds, with the seeds' values beside it."""
+    from fastforget.train.demo import DemoConfig, run
+
+    report = run(DemoConfig(out=str(tmp_path), family="palette", pretrain_epochs=0.05, unlearn_epochs=0.1,
+                            eval_seeds=(0, 1), sample_steps=3))
+    inpaint = json.load(open(tmp_path / "report.json"))["tasks"]["inpaint"]
+    assert report["family"] == "palette" and set(inpaint) == {"original", "ours", "ours_proxy"}
+    for model in inpaint.values():
+        for s in ("forget", "retain"):
+            assert len(model[s]["fid_seeds"]) == 2 and model[s]["fid"] == pytest.approx(sum(model[s]["fid_seeds"]) / 2)
+    assert (tmp_path / "grid_inpaint.png").stat().st_size > 1000
+    out = capsys.readouterr().out
+    assert "inpaint FID vs the original's" in out and "palette demo: wrote" in out
 
 
 @pytest.mark.parametrize("method", ["max-loss", "noisy-label", "retain-label", "random-encoder"])

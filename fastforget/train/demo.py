@@ -43,6 +43,8 @@ class DemoConfig:
     pretrain_epochs: Optional[float] = None
     unlearn_epochs: Optional[float] = None
     batch_size: Optional[int] = None
+    eval_seeds: Optional[tuple] = None
+    sample_steps: Optional[int] = None  # diffusion models: a strided sampler (None: the model's whole schedule)
 
     def settings(self, family: families.Family):
         s = family.demo
@@ -119,10 +121,28 @@ def run(cfg: DemoConfig) -> dict:
     report.update(entries)
     if table:
         say(table)
-    report["tasks"] = evaluate(models, sets, extractor("digits"), family.tasks, 0.5, cfg.out,
-                               seeds=family.demo.eval_seeds)
+    seeds = cfg.eval_seeds or family.demo.eval_seeds
+    report["tasks"] = evaluate(models, sets, extractor("digits"), family.tasks, 0.5, cfg.out, seeds=seeds,
+                               sample_steps=cfg.sample_steps)
     say(markdown(report["tasks"]))
+    say(fid_ratios(report["tasks"], len(seeds)))
     report["seconds"] = round(time.perf_counter() - t0, 1)
     with open(os.path.join(cfg.out, "report.json"), "w") as f:
         json.dump(report, f, indent=2)
+    minutes, seconds = divmod(int(report["seconds"]), 60)
+    say(f"{family.name} demo: wrote {cfg.out}/report.json and its pictures in {minutes} min {seconds} s")
     return report
+
+
+def fid_ratios(tasks: dict, seeds: int) -> str:
+    """The claim in one line per task: each unlearned model's FID over the original's."""
+    lines = []
+    for task, models in tasks.items():
+        base = models["original"]
+        ratios = "; ".join(f"{name} forget {m['forget']['fid'] / base['forget']['fid']:.2f}x, retain "
+                           f"{m['retain']['fid'] / base['retain']['fid']:.2f}x" for name, m in models.items()
+                           if name != "original")
+        mean = f", mean of {seeds} sampler seeds" if seeds > 1 else ""
+        lines.append(f"{task} FID vs the original's (forget {base['forget']['fid']:.1f}, retain "
+                     f"{base['retain']['fid']:.1f}{mean}): {ratios}")
+    return "\n".join(lines)
