@@ -275,6 +275,21 @@ def test_the_step_routes_and_scores_as_the_reference(device):
                                atol=tol["atol"] * 10)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("method", ["ours", "retain-label"])
+def test_the_step_never_waits_for_the_host(method):
+    """Draws, inputs, teacher, loss and backward with CUDA's sync debug mode set to error."""
+    model, cfg, module, loss_fn, images, is_forget = _step(method, device="cuda")
+    gen = torch.Generator("cuda").manual_seed(0)
+    loss_fn((images, is_forget), gen, module)["loss"].backward()  # first calls: lazy initialisation
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        loss_fn((images, is_forget), gen, module)["loss"].backward()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+
+
 def test_the_teacher_holds_no_decoder_and_the_student_keeps_its_own():
     model = tiny()
     teacher = PALETTE.teacher(model, torch.device("cpu"), whole=False)

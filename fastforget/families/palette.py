@@ -116,18 +116,18 @@ def hybrid_masks(gen: torch.Generator, batch: int, size: int, d: Dist) -> Tensor
     lengths = lengths.clamp(0, 2 * radius)
     widths = (12 + 28 * uniform(STROKES)) * s
     x, y = integers(0, size, (STROKES,)), integers(0, size, (STROKES,))
-    px, py = coord[None, None, :], coord[None, :, None]
+    px, py = coord[None, None, None, :], coord[None, None, :, None]
+    radius2 = ((widths / 2) ** 2)[..., None, None]  # (rows, strokes, 1, 1)
+    stroke_live = torch.arange(STROKES, device=dev)[None] < strokes[:, None]
     strokes_mask = torch.zeros(rows, size, size, dtype=torch.bool, device=dev)
-    for v in range(VERTICES):  # each segment of each stroke as a capsule of its width
+    for v in range(VERTICES):  # segment v of every stroke at once, each a capsule of its stroke's width
         nx = (x + lengths[..., v] * torch.cos(angles[..., v])).clamp(0, size).floor()
         ny = (y + lengths[..., v] * torch.sin(angles[..., v])).clamp(0, size).floor()
-        live = (v < vertices) & (torch.arange(STROKES, device=dev)[None] < strokes[:, None])
-        for k in range(STROKES):
-            ax, ay, bx, by = (t[:, k, None, None] for t in (x, y, nx, ny))
-            dx, dy = bx - ax, by - ay
-            along = (((px - ax) * dx + (py - ay) * dy) / (dx * dx + dy * dy).clamp_min(1e-9)).clamp(0, 1)
-            dist2 = (px - ax - along * dx) ** 2 + (py - ay - along * dy) ** 2
-            strokes_mask |= live[:, k, None, None] & (dist2 <= (widths[:, k, None, None] / 2) ** 2)
+        live = ((v < vertices) & stroke_live)[..., None, None]
+        ax, ay, dx, dy = x[..., None, None], y[..., None, None], (nx - x)[..., None, None], (ny - y)[..., None, None]
+        along = (((px - ax) * dx + (py - ay) * dy) / (dx * dx + dy * dy).clamp_min(1e-9)).clamp(0, 1)
+        dist2 = (px - ax - along * dx) ** 2 + (py - ay - along * dy) ** 2
+        strokes_mask |= (live & (dist2 <= radius2)).any(1)
         x, y = nx, ny
     masks = (box | strokes_mask)[:, None]
     return masks[d.rank * batch:(d.rank + 1) * batch]
