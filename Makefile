@@ -15,7 +15,7 @@ $(VENV)/.ready: pyproject.toml setup.py
 	PYTHONWARNINGS=ignore::UserWarning $(PY) -m pip install -q --no-build-isolation -e '.[dev,demo]'
 	touch $@
 
-# The main job on the embedded digits: pretrain, unlearn two ways, evaluate (under 3 minutes on 2 cores).
+# The main job on the embedded digits, for every family: pretrain, unlearn two ways, evaluate (about 5 minutes on 2 cores).
 demo: $(VENV)/.ready
 	$(VENV)/bin/fastforget demo --out demo-out
 

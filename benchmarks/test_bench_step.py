@@ -1,4 +1,5 @@
-"""pytest-benchmark suite on the CPU: one whole unlearning step of mae_vit_tiny, per provider.
+"""pytest-benchmark suite on the CPU: one whole unlearning step of mae_vit_tiny and of
+palette_tiny, per provider.
 
     .venv/bin/python -m pytest benchmarks/test_bench_step.py --benchmark-columns=median,iqr,ops
 
@@ -8,15 +9,18 @@ peak memory and MFU.
 """
 import pytest
 
-from fastforget.bench import step as bench_step
+from fastforget import families
+from fastforget.bench import step as bench_step, steps
 
-BATCH = 128
+# (model, batch, mask ratio): MAE's at its step benchmark's batch, Palette's at the issue's
+MODELS = [("mae_vit_tiny", 128, 0.75), ("palette_tiny", 64, None)]
 
 
+@pytest.mark.parametrize("model_name,batch,mask_ratio", MODELS, ids=[m[0] for m in MODELS])
 @pytest.mark.parametrize("provider", bench_step.PROVIDERS)
-def test_unlearning_step(benchmark, provider):
-    spec = bench_step.Spec(provider, "mae_vit_tiny", BATCH, 0.75, "cpu")
+def test_unlearning_step(benchmark, provider, model_name, batch, mask_ratio):
+    spec = bench_step.Spec(provider, model_name, batch, mask_ratio, "cpu")
     model, step = bench_step.build(spec)
-    benchmark.extra_info["images"] = BATCH
-    benchmark.extra_info["flops"] = bench_step.step_flops(model, BATCH, 0.75)
+    benchmark.extra_info["images"] = batch
+    benchmark.extra_info["flops"] = steps.of(families.of_model(model_name).name).flops(model, spec)
     benchmark(step)

@@ -322,7 +322,10 @@ def main(args) -> int:
     unknown = sorted(set(providers) - set(PROVIDERS))
     if unknown:
         raise InvalidValue(f"--providers: unknown {unknown}; expected a comma-separated subset of {PROVIDERS}")
-    family = families.of_model(args.model)  # an unknown model: named, with every family's
+    try:
+        family = families.of_model(args.model)
+    except InvalidValue as err:
+        raise InvalidValue(f"--model: {err}") from None
     mask_ratio = family.check_option("mask_ratio", args.mask_ratio)
     specs = [Spec(p, args.model, args.batch_size, mask_ratio, device, c, args.reps, args.min_time)
              for c in ([False, True] if args.compile else [False]) for p in providers]
