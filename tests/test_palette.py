@@ -440,3 +440,16 @@ def test_completion_keeps_the_known_pixels(original):
     torch.testing.assert_close(out[keep], images[keep], rtol=0, atol=1e-6)
     assert torch.equal(out, PALETTE.complete(model, images, "inpaint", 0.5, seed=0, steps=4))
     assert not torch.equal(out, PALETTE.complete(model, images, "inpaint", 0.5, seed=1, steps=4))
+
+
+def test_eval_says_when_the_sampler_is_not_the_references(original, tmp_path):
+    from fastforget.eval.features import extractor
+    from fastforget.eval.run import evaluate
+    from fastforget.train.demo import test_sets
+
+    report = evaluate({"original": families.load(original)}, test_sets(), extractor("digits"), None, 0.5,
+                      str(tmp_path), sample_steps=2)
+    assert set(report) == {"inpaint"} and report["inpaint"]["original"]["forget"]["fid"] > 0
+    assert (tmp_path / "results.md").read_text().startswith("sampler: a strided schedule of 2 steps, for speed; "
+                                                           "not the reference's sampler")
+    assert (tmp_path / "fid_is_eval_inpaint.csv").exists() and (tmp_path / "clip_cosine_inpaint.csv").exists()

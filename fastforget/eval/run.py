@@ -66,7 +66,7 @@ def evaluate(models: dict, sets: dict, extractor: Extractor, tasks=None, ratio: 
         from ..train.loop import output_dir
 
         output_dir(out)
-        write_outputs(report, out)
+        write_outputs(report, out, how_generated(family, seeds, sample_steps))
         for task in tasks:
             _grid(models, sets, task, ratio, generated, os.path.join(out, f"grid_{task}.png"))
         _tsne(extractor, sets, generated, tasks[0], models, os.path.join(out, f"tsne_{tasks[0]}.png"))
@@ -137,11 +137,20 @@ def evaluate_checkpoints(checkpoints: dict, data: str, forget, retain, tasks, ra
             raise InvalidValue(f"the {s} classes {list(names)} have {len(sets[s])} test images; 10 at least")
     report = evaluate(models, sets, extractor(features, original, device), tasks, ratio, out, batch_size, seeds,
                       sample_steps)
-    print(markdown(report))
+    note = how_generated(family, seeds, sample_steps)
+    print((f"{note}\n" if note else "") + markdown(report))
     return report
 
 
-def write_outputs(report: dict, out: str) -> None:
+def how_generated(family, seeds, sample_steps: Optional[int]) -> str:
+    """What results.md says of its numbers: the sampler's schedule and seeds, where they matter."""
+    notes = [note] if (note := family.generation_note(sample_steps)) else []
+    if len(seeds) > 1:
+        notes.append(f"each metric the mean over {len(seeds)} seeds ({', '.join(map(str, seeds))})")
+    return "; ".join(notes)
+
+
+def write_outputs(report: dict, out: str, note: str = "") -> None:
     for task, per_model in report.items():
         with open(os.path.join(out, f"fid_is_eval_{task}.csv"), "w", newline="") as f:
             w = csv.writer(f)
@@ -155,7 +164,7 @@ def write_outputs(report: dict, out: str) -> None:
     with open(os.path.join(out, "report.json"), "w") as f:
         json.dump(report, f, indent=2)
     with open(os.path.join(out, "results.md"), "w") as f:
-        f.write(markdown(report))
+        f.write((f"{note}\n\n" if note else "") + markdown(report))
 
 
 def markdown(report: dict) -> str:

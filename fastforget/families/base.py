@@ -139,6 +139,10 @@ class Family:
         removed region generated (seed fixes any randomness; steps: a sampler's, where it has one)."""
         raise NotImplementedError
 
+    def generation_note(self, steps: Optional[int]) -> str:
+        """What eval's results say of how complete() generated with `steps` ('' when nothing)."""
+        return ""
+
     def embed(self, model: nn.Module, images: Tensor) -> Tensor:
         """(B, F) features of images from the model's encoder (eval's `--features encoder`)."""
         raise NotImplementedError

@@ -268,6 +268,12 @@ class Palette(Family):
         out = model.inpaint(y_cond, y_0, mask, gen, steps=steps)
         return ((out + 1) / 2).clamp(0, 1)
 
+    def generation_note(self, steps: Optional[int]) -> str:
+        if steps is None:
+            return ""
+        return (f"sampler: a strided schedule of {steps} steps, for speed; not the reference's sampler, which takes "
+                "every step of the model's own schedule")
+
     @torch.no_grad()
     def embed(self, model, images: Tensor) -> Tensor:
         """The middle block's features of the clean image (condition = image, noise level 1), pooled."""
