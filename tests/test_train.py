@@ -173,11 +173,14 @@ def test_unknown_method_is_refused(tmp_path):
                       loop=LoopConfig(out=str(tmp_path)))
 
 
-def test_sweep_draws_the_tradeoff_at_toy_length(tmp_path):
+@pytest.mark.parametrize("family", ["mae", "palette"])
+def test_sweep_draws_the_tradeoff_at_toy_length(tmp_path, family):
     from fastforget.train import sweep
     from fastforget.train.demo import DemoConfig
 
-    cfg = DemoConfig(out=str(tmp_path), pretrain_epochs=0.2, unlearn_epochs=0.3, batch_size=64)
+    toy = dict(pretrain_epochs=0.05, unlearn_epochs=0.05, eval_seeds=(0,), sample_steps=2) if family == "palette" \
+        else dict(pretrain_epochs=0.2, unlearn_epochs=0.3)
+    cfg = DemoConfig(out=str(tmp_path), family=family, batch_size=64, **toy)
     result = sweep.run(str(tmp_path), [0.1, 1.0], cfg)
     assert [p["model"] for p in result["points"]] == ["original", "alpha=0.1", "alpha=1"]
     assert result["points"][0]["forget_fid_ratio"] == 1.0

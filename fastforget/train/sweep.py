@@ -21,7 +21,7 @@ def run(out: str, forget_weights, cfg: DemoConfig = None, task: str = "inpaint")
     cfg = cfg or DemoConfig(out=out)
     original = ensure_original(cfg)
     models = {"original": families.load(original)}
-    seeds = families.get(cfg.family).demo.eval_seeds
+    seeds = cfg.eval_seeds or families.get(cfg.family).demo.eval_seeds
     for alpha in forget_weights:
         name = f"alpha={alpha:g}"
         path = os.path.join(out, f"ours_alpha{alpha:g}")
@@ -31,7 +31,8 @@ def run(out: str, forget_weights, cfg: DemoConfig = None, task: str = "inpaint")
             say(f"unlearning with forget weight {alpha:g}")
             unlearn_digits(cfg, original, path, retain_classes=RETAIN, forget_weight=alpha)
         models[name] = families.load(os.path.join(path, "checkpoint.pt"))
-    report = evaluate(models, test_sets(), extractor("digits"), (task,), 0.5, seeds=seeds)[task]
+    report = evaluate(models, test_sets(), extractor("digits"), (task,), 0.5, seeds=seeds,
+                      sample_steps=cfg.sample_steps)[task]
     base = report["original"]
     points = [{"model": name, "forget_fid_ratio": r["forget"]["fid"] / base["forget"]["fid"],
                "retain_accuracy": r["retain"]["accuracy"], "forget_accuracy": r["forget"]["accuracy"],
