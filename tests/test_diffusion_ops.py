@@ -341,3 +341,15 @@ def test_gpu_kernels_refuse_mixed_dtypes_with_the_reason(name, monkeypatch):
     s = [torch.ones(2, 3, requires_grad=True), torch.ones(2, 4, dtype=torch.bfloat16, requires_grad=True)]
     with pytest.raises(backends.BackendUnavailable, match=f"{name}: the {name} kernel takes tensors of one dtype"):
         fastforget.unlearn_loss(s, s, s, torch.tensor([0, 1]), backend=name)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_diffusion_inputs_take_any_nonzero_mask_value_as_the_hole(backend, device):
+    """A uint8 mask of 255s is the same hole as one of 1s, on every backend (the torch one included)."""
+    y_0, y_cond, mask, gammas, is_forget = diffusion_inputs(device)
+    noise = torch.randn(y_0.shape, generator=torch.Generator().manual_seed(3)).to(device)
+    ones = make_diffusion_inputs(y_0, y_cond, mask.to(torch.uint8), gammas, is_forget, noise=noise, backend=backend)
+    full = make_diffusion_inputs(y_0, y_cond, mask.to(torch.uint8) * 255, gammas, is_forget, noise=noise,
+                                 backend=backend)
+    for a, b in zip(ones, full):
+        assert torch.equal(a, b)

@@ -95,6 +95,14 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(GroupNormArgs a) {
   }
 }
 
+// dz = dy act'(z) at one element, with its x_hat and n = x_hat w + bias: both passes' recomputation.
+__device__ __forceinline__ float dz_at(float x, float dy, float mean, float rstd, const Channel& ch, bool silu,
+                                       float& xhat, float& nv) {
+  xhat = (x - mean) * rstd;
+  nv = xhat * ch.w + ch.bias;
+  return silu ? dy * silu_slope(nv * ch.film + ch.shift) : dy;
+}
+
 template <typename T, int W>
 __global__ void __launch_bounds__(kThreads) backward_kernel(GroupNormArgs a) {
   const int64_t pair = blockIdx.x, image = pair / a.groups, per_group = a.channels / a.groups;
@@ -114,8 +122,8 @@ __global__ void __launch_bounds__(kThreads) backward_kernel(GroupNormArgs a) {
       load_w<W>(dy + i, gv);
 #pragma unroll
       for (int j = 0; j < W; ++j) {
-        const float xhat = (xv[j] - mean) * rstd, nv = xhat * ch.w + ch.bias;
-        const float dz = a.silu ? gv[j] * silu_slope(nv * ch.film + ch.shift) : gv[j];
+        float xhat, nv;
+        const float dz = dz_at(xv[j], gv[j], mean, rstd, ch, a.silu, xhat, nv);
         s_dz += dz;
         s_dz_n += dz * nv;
         s_dz_xhat += dz * xhat;
@@ -143,9 +151,8 @@ __global__ void __launch_bounds__(kThreads) backward_kernel(GroupNormArgs a) {
       load_w<W>(dy + i, gv);
 #pragma unroll
       for (int j = 0; j < W; ++j) {
-        const float xhat = (xv[j] - mean) * rstd;
-        const float z = (xhat * ch.w + ch.bias) * ch.film + ch.shift;
-        const float dz = a.silu ? gv[j] * silu_slope(z) : gv[j];
+        float xhat, nv;
+        const float dz = dz_at(xv[j], gv[j], mean, rstd, ch, a.silu, xhat, nv);
         xv[j] = (dz * dn_w - mean_dn_w - xhat * mean_dn_w_xhat) * rstd;
       }
       store_w<W>(dx + i, xv);

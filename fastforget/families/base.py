@@ -17,6 +17,7 @@ op takes either.
 """
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Optional, Sequence
 
@@ -174,6 +175,12 @@ def record_config(model: nn.Module, family: str, name: str, overrides: dict) -> 
     model.config_name = name
     model.fastforget_config = {"family": family, "model": name, "overrides": dict(overrides)}
     return model
+
+
+def training_autocast(device: torch.device):
+    """The precision every training forward runs in: bf16 autocast on the GPU, float32 on the CPU
+    (where bf16 autocast is slower)."""
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
 
 
 def noise_like(target, gen: torch.Generator):

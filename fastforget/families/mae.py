@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import copy
 import os
-from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Optional
 
@@ -30,7 +29,7 @@ from torch import Tensor, nn
 from ..distributed import Dist, rank_rows
 from ..models import mae as mae_model
 from ..ops import make_teacher_batch, random_masking
-from .base import DemoSettings, Family, Recipe, record_config
+from .base import DemoSettings, Family, Recipe, record_config, training_autocast
 
 
 @dataclass
@@ -62,9 +61,6 @@ class Reconstructor(nn.Module):
     def forward(self, images: Tensor, step: MaskStep) -> Tensor:
         return self.mae.forward_decoder(self.mae.encode(images, step.ids_keep), step.ids_restore)
 
-
-def _autocast(device: torch.device):
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
 
 
 def _masked_error(pred: Tensor, target: Tensor, mask: Tensor) -> Tensor:
@@ -172,7 +168,7 @@ class MAE(Family):
 
     def baseline_loss(self, method, model, module, teacher, images, is_forget, step, gen, d, cfg) -> dict:
         alpha = cfg.forget_weight
-        with _autocast(d.device):
+        with training_autocast(d.device):
             pred = module(images, step)
         if method == "max-loss":
             retain, forget = _set_means(_masked_error(pred, model.target(images), step.mask), is_forget)
@@ -198,7 +194,7 @@ class MAE(Family):
                 noise, ratio = rank_rows(torch.rand, gen, imgs.shape[0], model.num_patches, d=d), cfg.mask_ratio
             else:
                 noise, ratio = square_noise(gen, imgs.shape[0], model.patch_embed.grid_size, d, hole=family == HOLE)
-            with _autocast(d.device):
+            with training_autocast(d.device):
                 return {"loss": module(imgs, noise, ratio)}
         return _Pretrain(model), loss_fn
 

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import copy
 import math
-from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Optional
 
@@ -35,7 +34,7 @@ from torch.nn import functional as F
 from ..distributed import Dist, rank_rows
 from ..models import palette as palette_model
 from ..ops import make_diffusion_inputs, unlearn_loss
-from .base import DemoSettings, Family, Recipe, record_config
+from .base import DemoSettings, Family, Recipe, record_config, training_autocast
 from .mae import retain_rows
 
 
@@ -70,9 +69,6 @@ class Denoiser(nn.Module):
     def forward(self, x: Tensor, gammas: Tensor) -> Tensor:
         return self.model(x, gammas)
 
-
-def _autocast(device: torch.device):
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
 
 
 # -- the reference's training masks, drawn on the device for the global batch ---------------------
@@ -227,12 +223,12 @@ class Palette(Family):
                 has_retain = (~is_forget).any()
                 substitute = torch.where(has_retain, original[retain_rows(is_forget)],
                                          torch.randn(original.shape, generator=gen, device=original.device))
-            with _autocast(d.device):
+            with training_autocast(d.device):
                 predicted = module(step.student_input, step.gammas)
             out = unlearn_loss(predicted, original, substitute, is_forget, forget_weight=alpha, normalize="batch")
         else:  # max-loss: the real x_t, the forget term ascended; noisy-label: noise holes, their noise the target
             x = step.student_input if method == "max-loss" else step.teacher_input
-            with _autocast(d.device):
+            with training_autocast(d.device):
                 predicted = module(x, step.gammas)
             hole = step.mask.to(predicted.dtype)
             target = hole * step.noise
@@ -248,7 +244,7 @@ class Palette(Family):
             imgs, _ = batch
             everyone = torch.zeros(imgs.shape[0], dtype=torch.bool, device=imgs.device)
             step = self._draw(model, imgs, everyone, gen, d, explicit_noise=True)
-            with _autocast(d.device):
+            with training_autocast(d.device):
                 predicted = module(step.student_input, step.gammas)
             hole = step.mask.to(predicted.dtype)
             return {"loss": F.mse_loss((hole * predicted).float(), (hole * step.noise).float())}

@@ -36,7 +36,7 @@ def make_diffusion_inputs(y_0: Tensor, y_cond: Tensor, mask: Tensor, gammas: Ten
     """
     _check(y_0, y_cond, mask, gammas, is_forget, noise, generator, first_row)
     flags = is_forget if is_forget.dtype == torch.bool else is_forget != 0
-    hole = mask if mask.dtype == torch.uint8 else (mask != 0).to(torch.uint8)
+    hole = (mask != 0).to(torch.uint8)  # 0/1 for every backend: the torch one multiplies by it
     stream = noise_stream(y_0.device, generator, first_row * (y_0.numel() // y_0.shape[0]))
     given = noise is not None
     args = (y_0.detach().contiguous(), y_cond.detach().contiguous(), hole.contiguous(),

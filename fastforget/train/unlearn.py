@@ -11,7 +11,6 @@ noisy-label, retain-label) are each family's, as its reference defines them.
 """
 from __future__ import annotations
 
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, replace
 from typing import Callable, Optional, Sequence
 
@@ -20,7 +19,7 @@ from torch import Tensor, nn
 
 from .. import families
 from ..distributed import Dist, rank_rows
-from ..families.base import noise_like
+from ..families.base import noise_like, training_autocast
 from ..ops import unlearn_loss
 from ..ops.unlearn_loss import NORMALIZE
 from . import data as data_lib
@@ -89,9 +88,6 @@ def _stage(images: Tensor, d: Dist) -> Tensor:
     return images.to(d.device) if images.numel() * images.element_size() <= DEVICE_DATA_BYTES else images.pin_memory()
 
 
-def _autocast(device: torch.device):
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
-
 
 def _rank_batches(images: Tensor, cfg: LoopConfig, d: Dist, steps_per_epoch: int, epoch_order):
     """batches(step, micro) over a per-epoch order; each rank takes its slice of the global batch.
@@ -141,7 +137,7 @@ def unlearning_step(cfg: UnlearnConfig, student: nn.Module, d: Dist) -> tuple[nn
         with torch.no_grad():  # the one teacher pass
             retain_target = family.teacher_features(teacher, imgs, is_forget, step, gen, d, cfg)
             forget_target = noise_like(retain_target, gen) if cfg.method == "random-encoder" else retain_target
-        with _autocast(d.device):
+        with training_autocast(d.device):
             features = module(imgs, step)
         out = unlearn_loss(features, retain_target, forget_target, is_forget, forget_weight=cfg.forget_weight,
                            normalize=cfg.normalize)

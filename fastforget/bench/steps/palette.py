@@ -28,7 +28,7 @@ from torch.utils.checkpoint import checkpoint
 from ... import families
 from ...distributed import Dist
 from ...families.palette import hybrid_masks
-from ...models.palette import AttentionBlock, ResBlock
+from ...models.palette import AttentionBlock, ResBlock, embedding_frequencies
 from ...train.loop import optimizer_step
 from . import LR
 
@@ -104,11 +104,8 @@ def _attention_block(block: AttentionBlock, x: Tensor, plain: bool) -> Tensor:
 
 
 def _embed(unet, gammas: Tensor, plain: bool) -> Tensor:
-    if plain:
-        freqs = unet.freqs
-    else:  # gamma_embedding: built on the host, copied to the device, in every forward
-        half = unet.inner_channel // 2
-        freqs = torch.exp(-math.log(10000) * torch.arange(0, half, dtype=torch.float32) / half).to(gammas.device)
+    # gamma_embedding: the reference builds its frequencies on the host and copies them in every forward
+    freqs = unet.freqs if plain else embedding_frequencies(unet.inner_channel).to(gammas.device)
     args = gammas.reshape(-1, 1).float() * freqs[None]
     return unet.cond_embed(torch.cat([torch.cos(args), torch.sin(args)], dim=-1))
 
