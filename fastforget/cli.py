@@ -78,7 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
     teacher.add_argument("--image-size", type=count, default=224)
     _common(teacher)
     norm = ops.add_parser("group-norm", help="group_norm_silu forward+backward (32 groups, FiLM, SiLU)")
-    norm.add_argument("--shape", type=count, nargs="+", default=[12, 64, 256, 256], help="x's shape (B, C, H, W)")
+    norm.add_argument("--shape", type=count, nargs=4, default=[12, 64, 256, 256],
+                      help="x's shape (B, C, H, W), C a multiple of the 32 groups")
     _common(norm)
     diffusion = ops.add_parser("diffusion-inputs", help="make_diffusion_inputs (the student's and teacher's)")
     diffusion.add_argument("--shape", type=count, nargs=4, default=[12, 3, 256, 256], help="y_0's shape (B, C, H, W)")

@@ -123,6 +123,11 @@ CASES = {
     "demo out": (["demo", "--out", "{root}/a_file/demo"], "fastforget demo: error: --out '{root}/a_file/demo' cannot"),
     "bench model": (["bench", "step", "--model", "mae_vit_gigantic"],
                     "fastforget bench: error: --model: unknown model 'mae_vit_gigantic'"),
+    "bench group-norm shape": (["bench", "group-norm", "--shape", "2", "6", "4", "4"],
+                               "fastforget bench: error: --shape: the channels must be a multiple of the 32 groups"),
+    "eval classes": (["eval", "--models", "o={ckpt}", "--data", "{root}", "--classes", "{root}/nope.txt",
+                      "--forget-classes", "0", "--retain-classes", "1"],
+                     "fastforget eval: error: --classes file '{root}/nope.txt' does not exist"),
     "info backend": (["info"], "fastforget info: error: FASTFORGET_BACKEND must be one of"),
 }
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 from torch.nn import functional as F
 
+from ..errors import InvalidValue
 from ..ops import group_norm_silu
 from . import harness
 from .timing import copy_bandwidth_gbs
@@ -26,6 +27,8 @@ def eager_chain(x, weight, bias, scale, shift):
 
 def measure(shape, dtype: torch.dtype, device: torch.device, reps: int = 10) -> harness.Measured:
     batch, channels = shape[:2]
+    if channels % GROUPS:
+        raise InvalidValue(f"--shape: the channels must be a multiple of the {GROUPS} groups, got {channels}")
     gen = torch.Generator(device="cpu").manual_seed(0)
     x = torch.randn(shape, generator=gen).to(device, dtype).requires_grad_()
     weight, bias = (torch.randn(channels, generator=gen).to(device).requires_grad_() for _ in range(2))
