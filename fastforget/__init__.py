@@ -10,10 +10,12 @@ from .method import EncoderUnlearning, frozen_copy
 from .train import LoopConfig, PretrainConfig, UnlearnConfig, pretrain, unlearn
 from .ops import (UnlearnLossOutput, group_norm_silu, make_diffusion_inputs, make_teacher_batch, masked_patch_embed,
                   random_masking, unlearn_loss)
+from .ops import vq_quantize
+from .ops import token_embed
 
 __version__ = "0.1.0"
 __all__ = [
     "EncoderUnlearning", "LoopConfig", "PretrainConfig", "UnlearnConfig", "UnlearnLossOutput", "frozen_copy",
     "group_norm_silu", "make_diffusion_inputs", "make_teacher_batch", "masked_patch_embed", "nn", "pretrain",
-    "random_masking", "unlearn", "unlearn_loss", "__version__",
+    "random_masking", "token_embed", "unlearn", "unlearn_loss", "vq_quantize", "__version__",
 ]

@@ -15,8 +15,10 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from . import diffusion_inputs, group_norm, patch_embed, teacher_batch, unlearn_loss
+from . import vq_quantize
+from . import token_embed
 
-MODULES = (unlearn_loss, teacher_batch, patch_embed, group_norm, diffusion_inputs)
+MODULES = (unlearn_loss, teacher_batch, patch_embed, group_norm, diffusion_inputs, vq_quantize, token_embed)
 H200 = GPUTarget("cuda", 90, 32)
 
 
@@ -46,7 +48,7 @@ def main() -> int:
             compiled = compile_variant(kernel, signature, constexprs, aligned, num_warps)
             switches = ",".join(f"{k}={v if isinstance(v, str) else int(v)}" for k, v in constexprs.items()
                                 if "BLOCK" not in k and k != "STEPS")
-            dtype = next((signature[k] for k in ("student_ptr", "s_like_ptr", "g_like_ptr", "grad_ptr", "weight_ptr", "x_ptr", "dy_ptr", "y0_ptr") if k in signature), "")
+            dtype = next((signature[k] for k in ("student_ptr", "s_like_ptr", "g_like_ptr", "grad_ptr", "weight_ptr", "x_ptr", "dy_ptr", "y0_ptr", "z_ptr", "word_ptr") if k in signature), "")
             ptx = compiled.asm["ptx"]
             print(f"{kernel.__name__:<16} {dtype:<6} {switches:<50} {' '.join(memory_ops(ptx) + matrix_ops(ptx))}")
     return 0

@@ -14,6 +14,9 @@ def test_cpu_extension_builds_and_registers_its_ops():
     assert hasattr(native.ops("cpu"), "unlearn_loss_forward")
     assert hasattr(native.ops("cpu"), "unlearn_loss_scale_grad")
     assert hasattr(native.ops("cpu"), "make_teacher_batch")
+    assert hasattr(native.ops("cpu"), "vq_quantize")
+    for name in ("token_embed_forward", "token_embed_backward", "token_embed"):
+        assert hasattr(native.ops("cpu"), name), name
 
 
 @pytest.mark.skipif(native.cuda_home() is None or torch.version.cuda is None,
@@ -25,6 +28,9 @@ def test_cuda_extension_compiles():
     assert hasattr(native.ops("cuda"), "unlearn_loss_scale_grad")
     assert hasattr(native.ops("cuda"), "make_teacher_batch")
     for name in ("make_diffusion_inputs", "group_norm_silu_forward", "group_norm_silu_backward", "group_norm_silu"):
+        assert hasattr(native.ops("cuda"), name), name
+    assert hasattr(native.ops("cuda"), "vq_quantize")
+    for name in ("token_embed_forward", "token_embed_backward", "token_embed"):
         assert hasattr(native.ops("cuda"), name), name
 
 
@@ -55,6 +61,14 @@ def test_triton_kernels_compile_for_sm90_with_wide_accesses():
                                        else ("ld.global.v2" in line and "st.global.v2" in line) for line in norm)
     inputs = [line for line in lines if line.startswith("inputs_kernel")]
     assert len(inputs) == 6 and all("st.global.v4" in line for line in inputs)
+    # vq_quantize: 5 (z, codebook) dtype pairs x 2 tuning configs x e a multiple of 16 or not; float32
+    # FMA, no tensor-core instruction (TF32 or 16-bit products would move the tokens)
+    vq = [line for line in lines if line.startswith("vq_argmin_kernel")]
+    assert len(vq) == 20 and not any("mma" in line for line in vq)
+    # token_embed: 3 dtypes x the narrowest row block and MAGE's 1024-wide one; 16-byte row reads there
+    for name in ("token_forward_kernel", "token_backward_kernel"):
+        token = [line for line in lines if line.startswith(name)]
+        assert len(token) == 6 and all("ld.global.v4" in line for line in token if "ROWS=4" in line)
     # Hopper's tensor-core instruction for every 16-bit and tf32 variant.
     assert all("wgmma.mma_async" in line for line in patch if "*bf16" in line or "*fp16" in line or "tf32" in line)
 

@@ -5,6 +5,7 @@
 //   K::unlearn_loss_forward, K::unlearn_loss_scale_grad   (both extensions)
 //   K::masked_patch_embed                                 (both)
 //   K::qkv_attention_forward, K::qkv_attention_backward   (the CPU's only)
+//   K::token_embed_forward, K::token_embed_backward       (both)
 #pragma once
 #include <torch/torch.h>
 
@@ -24,6 +25,9 @@ constexpr const char* kUnlearnLossSchema =
 constexpr const char* kMaskedPatchEmbedAutogradSchema =
     "masked_patch_embed_autograd(Tensor images, Tensor weight, Tensor? bias, Tensor pos_embed, Tensor ids_keep, "
     "Tensor? cls_token) -> Tensor";
+constexpr const char* kTokenEmbedSchema =
+    "token_embed(Tensor tokens, Tensor keep, Tensor masked, Tensor word_weight, Tensor pos_weight, Tensor ln_weight, "
+    "Tensor ln_bias, int class_id, int mask_id, float eps) -> Tensor";
 constexpr const char* kAttentionSchema = "qkv_attention(Tensor qkv, int heads) -> Tensor";
 constexpr const char* kGroupNormSchema =
     "group_norm_silu(Tensor x, Tensor? weight, Tensor? bias, Tensor? scale, Tensor? shift, int groups, float eps, "
@@ -215,6 +219,50 @@ at::Tensor group_norm_silu_autograd(const at::Tensor& x, const std::optional<at:
                                     const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& scale,
                                     const std::optional<at::Tensor>& shift, int64_t groups, double eps, bool silu) {
   return GroupNormFunction<K>::apply(x, weight, bias, scale, shift, groups, eps, silu);
+}
+
+// MAGE's token embedding: backward recomputes each row from the ids and the saved statistics.
+template <class K>
+struct TokenEmbedFunction : torch::autograd::Function<TokenEmbedFunction<K>> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& tokens, const at::Tensor& keep,
+                            const at::Tensor& masked, const at::Tensor& word, const at::Tensor& pos,
+                            const at::Tensor& ln_weight, const at::Tensor& ln_bias, int64_t class_id, int64_t mask_id,
+                            double eps) {
+    const at::Tensor t = tokens.contiguous(), k = keep.contiguous(), m = masked.contiguous(), w = word.contiguous(),
+                     p = pos.contiguous(), lw = ln_weight.contiguous();
+    auto [out, mean, rstd] = K::token_embed_forward(t, k, m, w, p, lw, ln_bias.contiguous(), class_id, mask_id, eps);
+    ctx->save_for_backward({t, k, m, w, p, lw, mean, rstd});
+    ctx->saved_data["class_id"] = class_id;
+    ctx->saved_data["mask_id"] = mask_id;
+    return out;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto s = ctx->get_saved_variables();
+    auto [d_word, d_pos, d_ln_weight, d_ln_bias] =
+        K::token_embed_backward(grads[0].contiguous(), s[0], s[1], s[2], s[3], s[4], s[5], s[6], s[7],
+                                ctx->saved_data["class_id"].toInt(), ctx->saved_data["mask_id"].toInt());
+    // needs_input_grad counts tensor arguments: tokens, keep, masked, then the four weights
+    auto needed = [&](int i, const at::Tensor& g) { return ctx->needs_input_grad(i) ? g : at::Tensor(); };
+    return {at::Tensor(), at::Tensor(), at::Tensor(), needed(3, d_word), needed(4, d_pos), needed(5, d_ln_weight),
+            needed(6, d_ln_bias), at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+};
+
+template <class K>
+at::Tensor token_embed_autograd(const at::Tensor& tokens, const at::Tensor& keep, const at::Tensor& masked,
+                                const at::Tensor& word, const at::Tensor& pos, const at::Tensor& ln_weight,
+                                const at::Tensor& ln_bias, int64_t class_id, int64_t mask_id, double eps) {
+  return TokenEmbedFunction<K>::apply(tokens, keep, masked, word, pos, ln_weight, ln_bias, class_id, mask_id, eps);
+}
+
+template <class K>
+at::Tensor token_embed_plain(const at::Tensor& tokens, const at::Tensor& keep, const at::Tensor& masked,
+                             const at::Tensor& word, const at::Tensor& pos, const at::Tensor& ln_weight,
+                             const at::Tensor& ln_bias, int64_t class_id, int64_t mask_id, double eps) {
+  return std::get<0>(K::token_embed_forward(tokens.contiguous(), keep.contiguous(), masked.contiguous(),
+                                            word.contiguous(), pos.contiguous(), ln_weight.contiguous(),
+                                            ln_bias.contiguous(), class_id, mask_id, eps));
 }
 
 // The same ops below autograd (inference mode, where the Autograd kernels are skipped).

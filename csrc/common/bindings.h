@@ -8,8 +8,10 @@
 #include "diffusion_inputs.h"
 #include "group_norm.h"
 #include "patch_embed.h"
+#include "token_embed.h"
 #include "teacher_batch.h"
 #include "unlearn_loss.h"
+#include "vq_quantize.h"
 
 namespace fastforget {
 
@@ -38,6 +40,19 @@ constexpr const char* kGroupNormForwardSchema =
 constexpr const char* kGroupNormBackwardSchema =
     "group_norm_silu_backward(Tensor grad, Tensor x, Tensor? weight, Tensor? bias, Tensor? scale, Tensor? shift, "
     "Tensor mean, Tensor rstd, int groups, bool silu) -> Tensor[]";
+
+// Vector quantisation: (N,) int64, each row's nearest code (vq_quantize.h).
+constexpr const char* kVqQuantizeSchema = "vq_quantize(Tensor z, Tensor codebook) -> Tensor";
+
+// MAGE's token embedding of the kept positions (token_embed.h): forward saves (mean, rstd) per
+// row; backward returns the gradients of word_weight, pos_weight, ln_weight and ln_bias.
+constexpr const char* kTokenEmbedForwardSchema =
+    "token_embed_forward(Tensor tokens, Tensor keep, Tensor masked, Tensor word_weight, Tensor pos_weight, "
+    "Tensor ln_weight, Tensor ln_bias, int class_id, int mask_id, float eps) -> (Tensor, Tensor, Tensor)";
+constexpr const char* kTokenEmbedBackwardSchema =
+    "token_embed_backward(Tensor grad, Tensor tokens, Tensor keep, Tensor masked, Tensor word_weight, "
+    "Tensor pos_weight, Tensor ln_weight, Tensor mean, Tensor rstd, int class_id, int mask_id) "
+    "-> (Tensor, Tensor, Tensor, Tensor)";
 
 constexpr const char* kMaskedPatchEmbedSchema =
     "masked_patch_embed(Tensor images, Tensor weight, Tensor? bias, Tensor pos_embed, Tensor ids_keep, "
@@ -268,6 +283,84 @@ inline std::vector<at::Tensor> group_norm_grads(const at::Tensor& dx, const at::
   return grads;
 }
 
+// MAGE's token embedding (token_embed.h): checks the tensors (contiguous tokens (B, L) int64,
+// keep (B, K) int64, masked (B, K) bool; word (V, D), pos (1 + L, D), ln_weight and ln_bias (D,)
+// of one float dtype; one device; class_id and mask_id in [0, V)) and points the kernel
+// arguments at them. Outputs and backward's buffers are filled in by the caller.
+inline TokenEmbedArgs token_embed_args(const at::Tensor& tokens, const at::Tensor& keep, const at::Tensor& masked,
+                                       const at::Tensor& word, const at::Tensor& pos, const at::Tensor& ln_weight,
+                                       const at::Tensor& ln_bias, int64_t class_id, int64_t mask_id, double eps) {
+  TORCH_CHECK(tokens.dim() == 2 && tokens.numel() > 0 && tokens.scalar_type() == at::kLong && tokens.is_contiguous(),
+              "tokens must be contiguous int64 (B, L) with B, L >= 1, got ", tokens.sizes(), " ", tokens.scalar_type());
+  const int64_t batch = tokens.size(0), length = tokens.size(1);
+  TORCH_CHECK(keep.dim() == 2 && keep.size(0) == batch && keep.size(1) > 0 && keep.scalar_type() == at::kLong &&
+                  keep.is_contiguous(),
+              "keep must be contiguous int64 (", batch, ", K >= 1), got ", keep.sizes(), " ", keep.scalar_type());
+  TORCH_CHECK(masked.sizes() == keep.sizes() && masked.scalar_type() == at::kBool && masked.is_contiguous(),
+              "masked must be contiguous bool ", keep.sizes(), ", got ", masked.sizes(), " ", masked.scalar_type());
+  TORCH_CHECK(word.dim() == 2 && word.numel() > 0 && word.is_contiguous(),
+              "word_weight must be contiguous (V, D) with V, D >= 1, got ", word.sizes());
+  const int64_t vocab = word.size(0), dim = word.size(1);
+  TORCH_CHECK(pos.sizes() == at::IntArrayRef({1 + length, dim}) && pos.is_contiguous(),
+              "pos_weight must be contiguous (", 1 + length, ", ", dim, "), got ", pos.sizes());
+  for (const auto& [t, name] : {std::pair{&ln_weight, "ln_weight"}, {&ln_bias, "ln_bias"}})
+    TORCH_CHECK(t->dim() == 1 && t->size(0) == dim && t->is_contiguous(), name, " must be contiguous (", dim,
+                ",), got ", t->sizes());
+  for (const auto& [t, name] : {std::pair{&pos, "pos_weight"}, {&ln_weight, "ln_weight"}, {&ln_bias, "ln_bias"}})
+    TORCH_CHECK(t->scalar_type() == word.scalar_type(), name, " must be ", word.scalar_type(), ", got ",
+                t->scalar_type());
+  for (const auto& [t, name] : {std::pair{&keep, "keep"}, {&masked, "masked"}, {&word, "word_weight"},
+                                {&pos, "pos_weight"}, {&ln_weight, "ln_weight"}, {&ln_bias, "ln_bias"}})
+    TORCH_CHECK(t->device() == tokens.device(), name, " must be on ", tokens.device(), ", got ", t->device());
+  TORCH_CHECK(class_id >= 0 && class_id < vocab && mask_id >= 0 && mask_id < vocab, "class_id and mask_id must lie in [0, ",
+              vocab, "), got ", class_id, " and ", mask_id);
+  TokenEmbedArgs a{};
+  a.tokens = tokens.data_ptr<int64_t>();
+  a.keep = keep.data_ptr<int64_t>();
+  a.masked = reinterpret_cast<const uint8_t*>(masked.data_ptr<bool>());
+  a.word = word.data_ptr();
+  a.pos = pos.data_ptr();
+  a.ln_weight = ln_weight.data_ptr();
+  a.ln_bias = ln_bias.data_ptr();
+  a.dtype = dtype_of(word, "word_weight");
+  a.batch = batch;
+  a.length = length;
+  a.keep_count = keep.size(1);
+  a.dim = dim;
+  a.vocab = vocab;
+  a.class_id = class_id;
+  a.mask_id = mask_id;
+  a.eps = float(eps);
+  return a;
+}
+
+// Forward's outputs (out (B, 1 + K, D) in the weights' dtype; mean and rstd (B, 1 + K) float32),
+// with args pointed at them.
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor> token_embed_outputs(TokenEmbedArgs& a, const at::Tensor& word) {
+  at::Tensor out = at::empty({a.batch, 1 + a.keep_count, a.dim}, word.options());
+  at::Tensor mean = at::empty({a.batch, 1 + a.keep_count}, word.options().dtype(at::kFloat)), rstd = at::empty_like(mean);
+  a.out = out.data_ptr();
+  a.mean = mean.data_ptr<float>();
+  a.rstd = rstd.data_ptr<float>();
+  return {out, mean, rstd};
+}
+
+// Checks backward's grad (B, 1 + K, D), mean and rstd (B, 1 + K) float32, and points args at them.
+inline void token_embed_backward_inputs(TokenEmbedArgs& a, const at::Tensor& grad, const at::Tensor& mean,
+                                        const at::Tensor& rstd, const at::Tensor& word) {
+  TORCH_CHECK(grad.sizes() == at::IntArrayRef({a.batch, 1 + a.keep_count, a.dim}) && grad.is_contiguous() &&
+                  grad.scalar_type() == word.scalar_type() && grad.device() == word.device(),
+              "grad must be contiguous ", word.scalar_type(), " (", a.batch, ", ", 1 + a.keep_count, ", ", a.dim,
+              ") on ", word.device(), ", got ", grad.sizes(), " ", grad.scalar_type());
+  for (const auto& [t, name] : {std::pair{&mean, "mean"}, {&rstd, "rstd"}})
+    TORCH_CHECK(t->sizes() == at::IntArrayRef({a.batch, 1 + a.keep_count}) && t->is_contiguous() &&
+                    t->scalar_type() == at::kFloat && t->device() == word.device(),
+                name, " must be contiguous float32 (", a.batch, ", ", 1 + a.keep_count, ") on ", word.device());
+  a.dy = grad.data_ptr();
+  a.mean = const_cast<float*>(mean.data_ptr<float>());
+  a.rstd = const_cast<float*>(rstd.data_ptr<float>());
+}
+
 // The masked-patch encoding, given how this device gathers: checks the inputs (contiguous images
 // (B, C, H, W), weight (D, C, p, p), pos (1, 1 + L, D), ids (B, K) int64; bias and cls optional,
 // parameters of one dtype), gathers the kept patches with their epilogue rows, then one GEMM
@@ -308,6 +401,21 @@ at::Tensor masked_patch_embed_with(const at::Tensor& images, const at::Tensor& w
   gather(args);
   out.view({B * tokens, D}).addmm_(patches, weight.view({D, C * p * p}).t());
   return out;
+}
+
+// Checks vector quantisation's tensors (contiguous z (N, e), codebook (K >= 1, e), one device),
+// makes the (N,) int64 indices and points the kernel arguments at them all.
+inline VqQuantizeArgs vq_quantize_args(const at::Tensor& z, const at::Tensor& codebook, at::Tensor& indices) {
+  TORCH_CHECK(z.dim() == 2 && z.is_contiguous() && z.size(1) > 0, "z must be a contiguous (N, e) tensor, got ",
+              z.sizes());
+  TORCH_CHECK(codebook.dim() == 2 && codebook.is_contiguous() && codebook.size(0) > 0 &&
+                  codebook.size(1) == z.size(1),
+              "codebook must be a contiguous (K >= 1, ", z.size(1), ") tensor, got ", codebook.sizes());
+  TORCH_CHECK(codebook.device() == z.device(), "codebook must be on ", z.device(), ", got ", codebook.device());
+  TORCH_CHECK(codebook.size(0) < (int64_t(1) << 31), "codebook: at most 2^31 - 1 codes, got ", codebook.size(0));
+  indices = at::empty({z.size(0)}, z.options().dtype(at::kLong));
+  return VqQuantizeArgs{z.data_ptr(), dtype_of(z, "z"), codebook.data_ptr(), dtype_of(codebook, "codebook"),
+                        z.size(0), codebook.size(0), z.size(1), indices.data_ptr<int64_t>()};
 }
 
 }  // namespace fastforget

@@ -15,8 +15,10 @@
 #include "diffusion_inputs.h"
 #include "group_norm.h"
 #include "patch_embed.h"
+#include "token_embed.h"
 #include "teacher_batch.h"
 #include "unlearn_loss.h"
+#include "vq_quantize.h"
 
 namespace fastforget {
 namespace {
@@ -209,6 +211,24 @@ std::vector<at::Tensor> group_norm_silu_backward(
   return group_norm_grads(dx, sums, weight, bias, scale, shift);
 }
 
+// The codebook packed once (a panel per task group), then tasks of rows: each row's argmin.
+at::Tensor vq_quantize(const at::Tensor& z_in, const at::Tensor& codebook_in) {
+  TORCH_CHECK(z_in.device().is_cpu(), "z must be on the CPU, got ", z_in.device());
+  const at::Tensor z = z_in.contiguous(), codebook = codebook_in.contiguous();
+  at::Tensor indices;
+  const VqQuantizeArgs args = vq_quantize_args(z, codebook, indices);
+  if (args.rows == 0) return indices;
+  at::Tensor packed = at::empty({vq_packed_floats(args)}, z.options().dtype(at::kFloat));
+  float* p = packed.data_ptr<float>();
+  at::parallel_for(0, vq_panels(args), std::max<int64_t>(1, 4096 / args.dim), [&](int64_t begin, int64_t end) {
+    vq_pack_panels(args, p, begin, end);
+  });
+  at::parallel_for(0, (args.rows + kVqTaskRows - 1) / kVqTaskRows, 1, [&](int64_t begin, int64_t end) {
+    vq_quantize_tasks(args, p, begin, end);
+  });
+  return indices;
+}
+
 // Attention over a packed qkv projection: CPU only (see attention.h), so its schemas live here.
 constexpr const char* kAttentionForwardSchema = "qkv_attention_forward(Tensor qkv, int heads) -> (Tensor, Tensor)";
 constexpr const char* kAttentionBackwardSchema =
@@ -266,6 +286,65 @@ at::Tensor qkv_attention_backward(const at::Tensor& grad_out, const at::Tensor& 
   return grad_qkv;
 }
 
+// MAGE's token embedding: rows in parallel; backward's three deterministic stages (token_embed.h).
+void check_token_ranges(const TokenEmbedArgs& a, const at::Tensor& tokens, const at::Tensor& keep) {
+  for (const auto& [t, name, high] : {std::tuple{&tokens, "tokens", a.vocab}, {&keep, "keep", a.length}}) {
+    const auto [low, top] = at::aminmax(*t);
+    TORCH_CHECK(low.item<int64_t>() >= 0 && top.item<int64_t>() < high, name, " must lie in [0, ", high, ")");
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> token_embed_forward(
+    const at::Tensor& tokens, const at::Tensor& keep, const at::Tensor& masked, const at::Tensor& word,
+    const at::Tensor& pos, const at::Tensor& ln_weight, const at::Tensor& ln_bias, int64_t class_id, int64_t mask_id,
+    double eps) {
+  TORCH_CHECK(tokens.device().is_cpu(), "tokens must be on the CPU, got ", tokens.device());
+  TokenEmbedArgs args = token_embed_args(tokens, keep, masked, word, pos, ln_weight, ln_bias, class_id, mask_id, eps);
+  check_token_ranges(args, tokens, keep);
+  auto outputs = token_embed_outputs(args, word);
+  at::parallel_for(0, token_rows(args), grain(args.dim), [&](int64_t begin, int64_t end) {
+    token_embed_forward_rows(args, begin, end);
+  });
+  return outputs;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> token_embed_backward(
+    const at::Tensor& grad, const at::Tensor& tokens, const at::Tensor& keep, const at::Tensor& masked,
+    const at::Tensor& word, const at::Tensor& pos, const at::Tensor& ln_weight, const at::Tensor& mean,
+    const at::Tensor& rstd, int64_t class_id, int64_t mask_id) {
+  TORCH_CHECK(tokens.device().is_cpu(), "tokens must be on the CPU, got ", tokens.device());
+  TokenEmbedArgs args = token_embed_args(tokens, keep, masked, word, pos, ln_weight, ln_weight, class_id, mask_id, 0.0);
+  check_token_ranges(args, tokens, keep);
+  token_embed_backward_inputs(args, grad, mean, rstd, word);
+  const int64_t rows = token_rows(args), dim = args.dim, blocks = token_row_blocks(args);
+  const auto f32 = word.options().dtype(at::kFloat);
+  // dx: pooled as the loss's gradients are (a fresh 25 MB at MAGE's shape costs its page faults each step)
+  at::Tensor dx = grad_buffer(rows, dim, f32), partial = at::empty({blocks, 2, dim}, f32);
+  float *dx_p = dx.data_ptr<float>(), *partial_p = partial.data_ptr<float>();
+  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+    token_embed_backward_blocks(args, dx_p, partial_p, begin, end);
+  });
+  at::Tensor d_ln_weight = at::empty({dim}, word.options()), d_ln_bias = at::empty({dim}, word.options());
+  token_embed_ln_grads(args, partial_p, d_ln_weight.data_ptr(), d_ln_bias.data_ptr());
+  const int64_t positions = args.length + 1;
+  at::Tensor index = at::empty({args.vocab + 1 + positions + 1 + 2 * rows}, word.options().dtype(at::kLong));
+  int64_t* word_offsets = index.data_ptr<int64_t>();
+  int64_t *pos_offsets = word_offsets + args.vocab + 1, *word_sources = pos_offsets + positions + 1,
+          *pos_sources = word_sources + rows;
+  token_embed_sources(args, word_offsets, word_sources, pos_offsets, pos_sources);
+  at::Tensor d_word = at::empty_like(word), d_pos = at::empty_like(pos);
+  for (const auto& [grad_t, offsets, sources, count] : {std::tuple{&d_word, word_offsets, word_sources, args.vocab},
+                                                         {&d_pos, pos_offsets, pos_sources, positions}}) {
+    void* out = grad_t->data_ptr();
+    const int64_t n = count;
+    const int64_t *o = offsets, *s = sources;
+    at::parallel_for(0, token_embed_scatter_tasks(n, dim), 1, [&](int64_t begin, int64_t end) {
+      token_embed_scatter_rows(dx_p, dim, o, s, out, args.dtype, n, begin, end);
+    });
+  }
+  return {d_word, d_pos, d_ln_weight, d_ln_bias};
+}
+
 struct Kernels {  // for autograd.h
   static constexpr auto unlearn_loss_forward = &fastforget::unlearn_loss_forward;
   static constexpr auto unlearn_loss_scale_grad = &fastforget::unlearn_loss_scale_grad;
@@ -274,6 +353,8 @@ struct Kernels {  // for autograd.h
   static constexpr auto qkv_attention_backward = &fastforget::qkv_attention_backward;
   static constexpr auto group_norm_silu_forward = &fastforget::group_norm_silu_forward;
   static constexpr auto group_norm_silu_backward = &fastforget::group_norm_silu_backward;
+  static constexpr auto token_embed_forward = &fastforget::token_embed_forward;
+  static constexpr auto token_embed_backward = &fastforget::token_embed_backward;
 };
 
 }  // namespace
@@ -293,6 +374,10 @@ TORCH_LIBRARY(fastforget_cpu, m) {
   m.def(fastforget::kGroupNormForwardSchema);
   m.def(fastforget::kGroupNormBackwardSchema);
   m.def(fastforget::kGroupNormSchema);
+  m.def(fastforget::kTokenEmbedForwardSchema);
+  m.def(fastforget::kTokenEmbedBackwardSchema);
+  m.def(fastforget::kTokenEmbedSchema);
+  m.def(fastforget::kVqQuantizeSchema);
 }
 
 TORCH_LIBRARY_IMPL(fastforget_cpu, CPU, m) {
@@ -305,6 +390,9 @@ TORCH_LIBRARY_IMPL(fastforget_cpu, CPU, m) {
   m.impl("make_diffusion_inputs", &fastforget::make_diffusion_inputs);
   m.impl("group_norm_silu_forward", &fastforget::group_norm_silu_forward);
   m.impl("group_norm_silu_backward", &fastforget::group_norm_silu_backward);
+  m.impl("token_embed_forward", &fastforget::token_embed_forward);
+  m.impl("token_embed_backward", &fastforget::token_embed_backward);
+  m.impl("vq_quantize", &fastforget::vq_quantize);
 }
 
 // The eager path's ops: autograd in C++ (autograd.h), and the same below autograd.
@@ -313,6 +401,7 @@ TORCH_LIBRARY_IMPL(fastforget_cpu, Autograd, m) {
   m.impl("masked_patch_embed_autograd", &fastforget::masked_patch_embed_autograd<fastforget::Kernels>);
   m.impl("qkv_attention", &fastforget::qkv_attention_autograd<fastforget::Kernels>);
   m.impl("group_norm_silu", &fastforget::group_norm_silu_autograd<fastforget::Kernels>);
+  m.impl("token_embed", &fastforget::token_embed_autograd<fastforget::Kernels>);
 }
 
 TORCH_LIBRARY_IMPL(fastforget_cpu, CPU, m) {
@@ -320,4 +409,5 @@ TORCH_LIBRARY_IMPL(fastforget_cpu, CPU, m) {
   m.impl("masked_patch_embed_autograd", &fastforget::masked_patch_embed_dense<fastforget::Kernels>);
   m.impl("qkv_attention", &fastforget::qkv_attention_plain<fastforget::Kernels>);
   m.impl("group_norm_silu", &fastforget::group_norm_silu_plain<fastforget::Kernels>);
+  m.impl("token_embed", &fastforget::token_embed_plain<fastforget::Kernels>);
 }

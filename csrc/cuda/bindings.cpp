@@ -10,8 +10,10 @@
 #include "diffusion_inputs.h"
 #include "group_norm.h"
 #include "patch_embed.h"
+#include "token_embed.h"
 #include "teacher_batch.h"
 #include "unlearn_loss.h"
+#include "vq_quantize.h"
 
 namespace fastforget {
 namespace {
@@ -142,12 +144,62 @@ std::vector<at::Tensor> group_norm_silu_backward(
                           bias, scale, shift);
 }
 
+at::Tensor vq_quantize(const at::Tensor& z_in, const at::Tensor& codebook_in) {
+  TORCH_CHECK(z_in.is_cuda(), "z must be a CUDA tensor, got ", z_in.device());
+  const c10::cuda::CUDAGuard guard(z_in.device());
+  const at::Tensor z = z_in.contiguous(), codebook = codebook_in.contiguous();
+  at::Tensor indices;
+  const VqQuantizeArgs args = vq_quantize_args(z, codebook, indices);
+  at::Tensor norms = at::empty({args.codes}, z.options().dtype(at::kFloat));
+  C10_CUDA_CHECK(launch_vq_quantize(args, norms.data_ptr<float>(), at::cuda::getCurrentCUDAStream()));
+  return indices;
+}
+
+// MAGE's token embedding: forward a row per thread group; backward's atomics into float32 buffers
+// (the order of the additions varies), cast to the weights' dtype, and the LayerNorm parameters'
+// gradients from the blocks' partial sums, added in block order.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> token_embed_forward(
+    const at::Tensor& tokens, const at::Tensor& keep, const at::Tensor& masked, const at::Tensor& word,
+    const at::Tensor& pos, const at::Tensor& ln_weight, const at::Tensor& ln_bias, int64_t class_id, int64_t mask_id,
+    double eps) {
+  TORCH_CHECK(tokens.is_cuda(), "tokens must be a CUDA tensor, got ", tokens.device());
+  const c10::cuda::CUDAGuard guard(tokens.device());
+  TokenEmbedArgs args = token_embed_args(tokens, keep, masked, word, pos, ln_weight, ln_bias, class_id, mask_id, eps);
+  TORCH_CHECK(args.dim <= kTokenEmbedMaxDim, "word_weight: the cuda kernel takes D <= ", kTokenEmbedMaxDim, ", got ",
+              args.dim);
+  auto outputs = token_embed_outputs(args, word);
+  C10_CUDA_CHECK(launch_token_embed_forward(args, at::cuda::getCurrentCUDAStream()));
+  return outputs;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> token_embed_backward(
+    const at::Tensor& grad, const at::Tensor& tokens, const at::Tensor& keep, const at::Tensor& masked,
+    const at::Tensor& word, const at::Tensor& pos, const at::Tensor& ln_weight, const at::Tensor& mean,
+    const at::Tensor& rstd, int64_t class_id, int64_t mask_id) {
+  TORCH_CHECK(tokens.is_cuda(), "tokens must be a CUDA tensor, got ", tokens.device());
+  const c10::cuda::CUDAGuard guard(tokens.device());
+  TokenEmbedArgs args = token_embed_args(tokens, keep, masked, word, pos, ln_weight, ln_weight, class_id, mask_id, 0.0);
+  TORCH_CHECK(args.dim <= kTokenEmbedMaxDim, "word_weight: the cuda kernel takes D <= ", kTokenEmbedMaxDim, ", got ",
+              args.dim);
+  token_embed_backward_inputs(args, grad, mean, rstd, word);
+  const auto f32 = word.options().dtype(at::kFloat);
+  at::Tensor d_word = at::zeros(word.sizes(), f32), d_pos = at::zeros(pos.sizes(), f32);
+  at::Tensor partial = at::empty({token_embed_backward_blocks(args), 2, args.dim}, f32);
+  C10_CUDA_CHECK(launch_token_embed_backward(args, d_word.data_ptr<float>(), d_pos.data_ptr<float>(),
+                                             partial.data_ptr<float>(), at::cuda::getCurrentCUDAStream()));
+  const at::Tensor sums = partial.sum(0);
+  const auto dtype = word.scalar_type();
+  return {d_word.to(dtype), d_pos.to(dtype), sums[0].to(dtype, false, true), sums[1].to(dtype, false, true)};
+}
+
 struct Kernels {  // for autograd.h
   static constexpr auto unlearn_loss_forward = &fastforget::unlearn_loss_forward;
   static constexpr auto unlearn_loss_scale_grad = &fastforget::unlearn_loss_scale_grad;
   static constexpr auto masked_patch_embed = &fastforget::masked_patch_embed;
   static constexpr auto group_norm_silu_forward = &fastforget::group_norm_silu_forward;
   static constexpr auto group_norm_silu_backward = &fastforget::group_norm_silu_backward;
+  static constexpr auto token_embed_forward = &fastforget::token_embed_forward;
+  static constexpr auto token_embed_backward = &fastforget::token_embed_backward;
 };
 
 }  // namespace
@@ -164,6 +216,10 @@ TORCH_LIBRARY(fastforget_cuda, m) {
   m.def(fastforget::kGroupNormForwardSchema);
   m.def(fastforget::kGroupNormBackwardSchema);
   m.def(fastforget::kGroupNormSchema);
+  m.def(fastforget::kTokenEmbedForwardSchema);
+  m.def(fastforget::kTokenEmbedBackwardSchema);
+  m.def(fastforget::kTokenEmbedSchema);
+  m.def(fastforget::kVqQuantizeSchema);
 }
 
 TORCH_LIBRARY_IMPL(fastforget_cuda, CUDA, m) {
@@ -174,6 +230,9 @@ TORCH_LIBRARY_IMPL(fastforget_cuda, CUDA, m) {
   m.impl("make_diffusion_inputs", &fastforget::make_diffusion_inputs);
   m.impl("group_norm_silu_forward", &fastforget::group_norm_silu_forward);
   m.impl("group_norm_silu_backward", &fastforget::group_norm_silu_backward);
+  m.impl("token_embed_forward", &fastforget::token_embed_forward);
+  m.impl("token_embed_backward", &fastforget::token_embed_backward);
+  m.impl("vq_quantize", &fastforget::vq_quantize);
 }
 
 // The eager path's ops: autograd in C++ (autograd.h), and the same below autograd.
@@ -181,10 +240,12 @@ TORCH_LIBRARY_IMPL(fastforget_cuda, Autograd, m) {
   m.impl("unlearn_loss", &fastforget::unlearn_loss_autograd<fastforget::Kernels>);
   m.impl("masked_patch_embed_autograd", &fastforget::masked_patch_embed_autograd<fastforget::Kernels>);
   m.impl("group_norm_silu", &fastforget::group_norm_silu_autograd<fastforget::Kernels>);
+  m.impl("token_embed", &fastforget::token_embed_autograd<fastforget::Kernels>);
 }
 
 TORCH_LIBRARY_IMPL(fastforget_cuda, CUDA, m) {
   m.impl("unlearn_loss", &fastforget::unlearn_loss_plain<fastforget::Kernels>);
   m.impl("masked_patch_embed_autograd", &fastforget::masked_patch_embed_dense<fastforget::Kernels>);
   m.impl("group_norm_silu", &fastforget::group_norm_silu_plain<fastforget::Kernels>);
+  m.impl("token_embed", &fastforget::token_embed_plain<fastforget::Kernels>);
 }

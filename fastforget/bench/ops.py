@@ -3,12 +3,13 @@
 Shapes are MAE's and MAGE's: MAE ViT-B/L latents (1 + 49 tokens at mask 0.75, width 768/1024),
 MAGE ViT-B latents (1 + 64 buffer + 128 kept tokens at mask 0.5, width 768), their patch
 embeddings, their encoders' attention (and the digits model's: 17 tokens, 4 heads of 16) and
-224x224 / 256x256 teacher batches; and Palette's at 256 px, per-GPU batch 12: its 13 encoder
-features in one loss, its GroupNorm chains (the first level, 64 x 256 x 256, and the middle,
-512 x 32 x 32) and its step inputs. `large` is the GPU set; `small` shrinks the
-batches so the CPU finishes in minutes. Each row's rate is the bytes or FLOPs the op must move or
-do over its time, beside the copy bandwidth or matmul rate measured in the same run. Last, each
-op's call overhead at a tiny shape (bench overhead).
+224x224 / 256x256 teacher batches, MAGE's VQGAN tokenizer (16384 rows, 1024 codes of 256) and token embedding (64 images, 128 of
+256 tokens kept, width 768);
+and Palette's at 256 px, per-GPU batch 12: its 13 encoder features in one loss, its GroupNorm
+chains (the first level, 64 x 256 x 256, and the middle, 512 x 32 x 32) and its step inputs.
+`large` is the GPU set; `small` shrinks the batches so the CPU finishes in minutes. Each row's
+rate is the bytes or FLOPs the op must move or do over its time, beside the copy bandwidth or
+matmul rate measured in the same run. Last, each op's call overhead at a tiny shape (bench overhead).
 """
 from __future__ import annotations
 
@@ -18,6 +19,8 @@ import os
 import torch
 
 from . import attention, diffusion, group_norm, harness, loss, overhead, patch, plot, teacher
+from . import vq
+from . import token_embed
 
 MAE_L, MAE_B, MAGE_B = (50, 1024), (50, 768), (193, 768)  # (tokens, width) of the encoders' latents
 
@@ -39,6 +42,10 @@ LARGE = [
     ("group_norm", "float32", ((12, 64, 256, 256),)),
     ("diffusion_inputs", "bfloat16", ((12, 3, 256, 256),)),
     ("diffusion_inputs", "float32", ((12, 3, 256, 256),)),
+    ("vq_quantize", "float32", (vq.MAGE_SHAPE,)),  # MAGE's tokenizer: 64 images of 16 x 16 tokens
+    ("vq_quantize", "bfloat16", (vq.MAGE_SHAPE,)),
+    ("token_embed", "bfloat16", (token_embed.MAGE_SHAPE,)),  # MAGE ViT-B: 64 images, 128 of 256 tokens kept
+    ("token_embed", "float32", (token_embed.MAGE_SHAPE,)),
     # last: the suite's time limit cuts these first (each compiles eager attention); on GPUs the op
     # is torch's SDPA, measured for the dispatcher's record, not a fastforget kernel
     ("attention", "bfloat16", (256, 50, 16, 64)),
@@ -58,10 +65,13 @@ SMALL = [
     ("group_norm", "float32", ((4, 64, 64, 64),)),
     ("group_norm", "float32", ((4, 512, 16, 16),)),
     ("diffusion_inputs", "float32", ((4, 3, 256, 256),)),
+    ("vq_quantize", "float32", ((8 * 256, 1024, 256),)),
+    ("token_embed", "float32", ((8, 256, 128, 768, 2025),)),
 ]
 MEASURE = {"loss": loss.measure, "palette_loss": loss.measure_features, "patch": patch.measure,
            "attention": attention.measure, "teacher": teacher.measure, "group_norm": group_norm.measure,
-           "diffusion_inputs": diffusion.measure}
+           "diffusion_inputs": diffusion.measure, "vq_quantize": vq.measure,
+           "token_embed": token_embed.measure}
 
 
 def sweep(sizes: list, device: torch.device, reps: int, csv_path: str | None) -> list:

@@ -184,6 +184,36 @@ def qkv_attention(qkv: Tensor, num_heads: int) -> Tensor:
 
 
 # ---------------------------------------------------------------------------------------------
+# MAGE's token embedding (jpmorganchase/i2i_mage, models_mage.py BertEmbeddings), kept rows only.
+
+
+def token_embed_ids(tokens: Tensor, keep: Tensor, masked: Tensor, class_id: int, mask_id: int
+                    ) -> tuple[Tensor, Tensor]:
+    """(word ids, positions), each (B, 1 + K) int64: row 0 the class token at position 0, row
+    1 + j the kept position keep[b, j] (its pos_weight row 1 + keep) carrying mask_id where
+    masked[b, j], else its own token."""
+    batch = tokens.shape[0]
+    kept = torch.where(masked, torch.full_like(keep, mask_id), torch.gather(tokens, 1, keep))
+    ids = torch.cat([torch.full((batch, 1), class_id, dtype=torch.int64, device=tokens.device), kept], dim=1)
+    positions = torch.cat([torch.zeros_like(keep[:, :1]), keep + 1], dim=1)
+    return ids, positions
+
+
+def token_embed(tokens: Tensor, keep: Tensor, masked: Tensor, word_weight: Tensor, pos_weight: Tensor,
+                ln_weight: Tensor, ln_bias: Tensor, class_id: int, mask_id: int, eps: float = 1e-6,
+                upcast: bool = True) -> Tensor:
+    """LayerNorm(word_weight[ids] + pos_weight[positions]) (B, 1 + K, D) in word_weight's dtype.
+    upcast=True sums and normalises in float32 or wider (the op's precision); upcast=False sums in
+    the weights' dtype as MAGE does: the same-precision yardstick of the low-precision tests."""
+    ids, positions = token_embed_ids(tokens, keep, masked, class_id, mask_id)
+    dtype = torch.promote_types(word_weight.dtype, torch.float32) if upcast else word_weight.dtype
+    x = torch.nn.functional.embedding(ids, word_weight.to(dtype)) + torch.nn.functional.embedding(
+        positions, pos_weight.to(dtype))
+    return torch.nn.functional.layer_norm(x, (x.shape[-1],), ln_weight.to(dtype), ln_bias.to(dtype),
+                                          eps).to(word_weight.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
 # The diffusion family's ops (Palette: jpmorganchase/i2i_Palette-Image-to-Image-Diffusion-Models).
 
 
@@ -224,3 +254,16 @@ def make_diffusion_inputs(y_0: Tensor, y_cond: Tensor, mask: Tensor, gammas: Ten
     dtype = y_0.dtype
     return (torch.cat([y_cond.to(dtype), student.to(dtype)], dim=1),
             torch.cat([y_cond.to(dtype), teacher.to(dtype)], dim=1))
+
+
+# ---------------------------------------------------------------------------------------------
+# MAGE's tokenizer (VQGAN: taming-transformers' VectorQuantizer2).
+
+
+def vq_quantize(z: Tensor, codebook: Tensor) -> Tensor:
+    """(N,) int64: for each row of z (N, e) the index of its nearest codebook (K, e) entry by
+    squared L2 distance, as taming's VectorQuantizer2 writes it (d = ||z||^2 + ||e||^2 - 2 z e^T,
+    argmin over the codes), in float32; ties go to the lowest index (torch.argmin)."""
+    z, e = z.float(), codebook.float()
+    d = torch.sum(z ** 2, dim=1, keepdim=True) + torch.sum(e ** 2, dim=1) - 2 * z @ e.t()
+    return torch.argmin(d, dim=1)
