@@ -167,6 +167,9 @@ def build_parser() -> argparse.ArgumentParser:
     pretrain.add_argument("--data", default="digits")
     data_args(pretrain)
     pretrain.add_argument("--mask-ratio", type=float, default=None, help="MAE: the share of patches removed (0.75)")
+    pretrain.add_argument("--part", default=None, help="what trains, for families that pretrain in parts (MAGE: "
+                          "tokenizer, then model; default the last)")
+    pretrain.add_argument("--init", default=None, help="start from this checkpoint (the previous part's)")
     loop_args(pretrain, "pretrained", 80)
     ev = sub.add_parser("eval", help="the paper's metrics for models on the retain and forget sets")
     ev.add_argument("--models", required=True, help="NAME=CHECKPOINT,... (the first is the original model)")
@@ -232,6 +235,7 @@ def run(args: argparse.Namespace) -> int:
                           compile=args.compile, deterministic=args.deterministic)
         if args.command == "pretrain":
             say(finished(run_pretrain(PretrainConfig(model=args.model, data=args.data, mask_ratio=args.mask_ratio,
+                                                     part=args.part, init=args.init,
                                                      class_list=args.classes, per_class=args.per_class,
                                                      device=args.device, augment=args.augment, loop=loop)), args.out))
             return 0

@@ -152,6 +152,21 @@ def test_palette_demo_runs_end_to_end_at_toy_length(tmp_path, capsys):
     assert "inpaint FID vs the original's" in out and "palette demo: wrote" in out
 
 
+def test_mage_demo_pretrains_its_tokenizer_then_the_model_and_scores_both_tasks(tmp_path, capsys):
+    from fastforget.train.demo import DemoConfig, run
+
+    report = run(DemoConfig(out=str(tmp_path), family="mage", pretrain_epochs=0.05, unlearn_epochs=0.1,
+                            eval_seeds=(0, 1), sample_steps=4))
+    tasks = json.load(open(tmp_path / "report.json"))["tasks"]
+    assert report["family"] == "mage" and set(tasks) == {"inpaint", "outpaint"}
+    assert set(tasks["inpaint"]) == {"original", "ours", "ours_proxy"}
+    assert len(tasks["outpaint"]["ours"]["forget"]["fid_seeds"]) == 2
+    assert (tmp_path / "original" / "tokenizer" / "checkpoint.pt").exists()
+    assert (tmp_path / "grid_outpaint.png").stat().st_size > 1000
+    out = capsys.readouterr().out
+    assert "pretraining mage_tiny's tokenizer on the digits" in out and "mage demo: wrote" in out
+
+
 @pytest.mark.parametrize("method", ["max-loss", "noisy-label", "retain-label", "random-encoder"])
 def test_baselines_train_what_the_reference_trains(original, tmp_path, method):
     cfg = UnlearnConfig(checkpoint=original, forget_classes=("0",), retain_classes=("2",), method=method,

@@ -10,9 +10,10 @@ from ..errors import InvalidValue
 from ..weights import load_weights
 from .base import Family, Recipe
 from .mae import MAE
+from .mage import MAGE
 from .palette import Palette
 
-FAMILIES: dict[str, Family] = {f.name: f for f in (MAE(), Palette())}
+FAMILIES: dict[str, Family] = {f.name: f for f in (MAE(), Palette(), MAGE())}
 
 
 def get(name: str) -> Family:

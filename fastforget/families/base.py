@@ -38,6 +38,8 @@ class DemoSettings:
     unlearn_epochs: float
     unlearn: dict  # LoopConfig fields and UnlearnConfig options (forget_weight, ...)
     eval_seeds: tuple = (0,)  # the sampler's seeds; each metric is their mean
+    # Parts pretrained before the model (Family.pretrain_parts but the last): (part, epochs, options).
+    pretrain_first: tuple = ()
 
 
 @dataclass(frozen=True)
@@ -63,6 +65,7 @@ class Family:
     normalize: str = "reference"  # unlearn_loss's normalisation, as the reference's loss
     unlearn_recipe: Recipe = Recipe()
     pretrain_recipe: Recipe = Recipe(blr=1.5e-4)
+    pretrain_parts: Sequence[str] = ("model",)  # what pretraining trains, in order (PretrainConfig.part)
     # Method options only some families take (name -> default); giving another family one is an error.
     options: Mapping[str, Any] = {}
     folder_augment: str = "none"  # image folders' default augmentation, as the reference trains

@@ -135,7 +135,9 @@ class MAE(Family):
         return record_config(model, self.name, model.config_name, model.overrides)
 
     def owns(self, state: dict) -> bool:
-        return "patch_embed.proj.weight" in state and "decoder_pred.weight" in state
+        # MAGE keeps MAE's unused patch_embed and decoder_pred: its token embedding tells them apart
+        return "patch_embed.proj.weight" in state and "decoder_pred.weight" in state \
+            and "token_emb.word_embeddings.weight" not in state
 
     def image_shape(self, model) -> tuple[int, int]:
         return model.patch_embed.proj.in_channels, model.patch_embed.img_size[0]

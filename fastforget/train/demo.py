@@ -39,7 +39,7 @@ class DemoConfig:
     family: str = "mae"
     baselines: bool = False
     seed: int = 0
-    # None: the family's DemoSettings (tests shorten them)
+    # None: the family's DemoSettings (tests shorten them; pretrain_epochs: every part's)
     pretrain_epochs: Optional[float] = None
     unlearn_epochs: Optional[float] = None
     batch_size: Optional[int] = None
@@ -67,10 +67,26 @@ def ensure_original(cfg: DemoConfig) -> str:
         say(f"reusing the pretrained model in {path}")
         return path
     epochs, _, batch = cfg.settings(family)
-    loop, options = _split(family.demo.pretrain)
-    say(f"pretraining {family.demo.model} on the digits ({epochs:g} epochs)")
-    pretrain(PretrainConfig(model=family.demo.model, device="cpu", **options, loop=LoopConfig(
-        out=os.path.dirname(path), epochs=epochs, batch_size=batch, seed=cfg.seed, log_every=50, **loop)))
+    init = None
+    for part, part_epochs, part_options in family.demo.pretrain_first:  # MAGE's tokenizer, then the model
+        init = _pretrain_part(cfg, part, cfg.pretrain_epochs or part_epochs, part_options, batch,
+                              os.path.join(cfg.out, "original", part))
+    final = family.pretrain_parts[-1]
+    return _pretrain_part(cfg, final, epochs, family.demo.pretrain, batch, os.path.dirname(path), init)
+
+
+def _pretrain_part(cfg: DemoConfig, part: str, epochs: float, options: dict, batch: int, out: str,
+                   init: Optional[str] = None) -> str:
+    family = families.get(cfg.family)
+    path = os.path.join(out, "checkpoint.pt")
+    if os.path.exists(path):
+        say(f"reusing the pretrained {part} in {path}")
+        return path
+    loop, options = _split(options)
+    what = family.demo.model if part == "model" else f"{family.demo.model}'s {part}"
+    say(f"pretraining {what} on the digits ({epochs:g} epochs)")
+    pretrain(PretrainConfig(model=family.demo.model, device="cpu", part=part, init=init, **options, loop=LoopConfig(
+        out=out, epochs=epochs, batch_size=batch, seed=cfg.seed, log_every=50, **loop)))
     return path
 
 

@@ -194,6 +194,9 @@ class PretrainConfig:
     device: Optional[str] = None
     augment: Optional[str] = None  # one of AUGMENTS; None: the family's for the data
     overrides: dict = field(default_factory=dict)  # the model's constructor arguments
+    # What trains, of the family's pretrain_parts (MAGE: "tokenizer", then "model"); None: the last.
+    part: Optional[str] = None
+    init: Optional[str] = None  # a checkpoint to start from (the previous part's), instead of a fresh model
     loop: LoopConfig = field(default_factory=lambda: LoopConfig(out="pretrained"))
 
     def __post_init__(self):
@@ -202,7 +205,9 @@ class PretrainConfig:
                 "a number in [0, 1)")
 
     def for_family(self, family: families.Family) -> "PretrainConfig":
-        return replace(self, augment=self.augment or family.default_augment(self.data),
+        parts = family.pretrain_parts
+        require(self, "part", self.part is None or self.part in parts, f"None or one of {parts} for {family.name}")
+        return replace(self, augment=self.augment or family.default_augment(self.data), part=self.part or parts[-1],
                        mask_ratio=family.check_option("mask_ratio", self.mask_ratio),
                        loop=self.loop.with_recipe(family.pretrain_recipe))
 
@@ -213,7 +218,7 @@ def pretrain(cfg: PretrainConfig) -> dict:
     torch.manual_seed(cfg.loop.seed)
     family = families.of_model(cfg.model)
     cfg = cfg.for_family(family)
-    model = family.create(cfg.model, **cfg.overrides).to(d.device)
+    model = (family.load(cfg.init, cfg.model) if cfg.init else family.create(cfg.model, **cfg.overrides)).to(d.device)
     channels, side = family.image_shape(model)
     dataset = data_lib.load(cfg.data, source_size(side, cfg.augment), what="--data directory",
                             class_list=cfg.class_list, per_class=cfg.per_class)
