@@ -6,30 +6,10 @@
 #include <vector>
 
 #include "scalar.h"
-#include "vec.h"
+#include "vec_io.h"
 
 namespace fastforget {
 namespace {
-
-template <typename T>
-inline vec load(const T* p) {
-  vec v;
-  for (int j = 0; j < kLanes; ++j) v[j] = to_float(p[j]);
-  return v;
-}
-
-template <typename T>
-inline void store(T* p, vec v) {
-  for (int j = 0; j < kLanes; ++j) p[j] = from_float<T>(v[j]);
-}
-
-inline float lane_sum(vec v) {  // a fixed pairwise order
-  float t[kLanes];
-  for (int j = 0; j < kLanes; ++j) t[j] = v[j];
-  for (int w = kLanes / 2; w > 0; w /= 2)
-    for (int j = 0; j < w; ++j) t[j] += t[j + w];
-  return t[0];
-}
 
 template <typename T>
 float param(const void* p, int64_t i, float missing) {
