@@ -1,12 +1,16 @@
 """MAGE's token embedding in Triton: one program per block of ROWS output rows, a row a tile line.
 
 Forward gathers each row's word and position rows, sums them in float32, takes the statistics
-(mean, then squared deviations) and writes the LayerNorm'd row with its mean and rstd. Backward
-recomputes the rows, runs LayerNorm's backward and adds dx into the word and position rows with
-float32 atomics (their order varies from run to run); each program sums the LayerNorm
-parameters' gradients over its STEPS blocks of rows into one partial row, summed in program
-order by the launcher. A keep entry or token out of range makes its row NaN and adds no gradient
-(refusing it would take a host synchronisation). The semantics are fastforget/ops/token_embed.py's.
+(mean, then squared deviations) and writes the LayerNorm'd row with its mean and rstd. Backward is
+deterministic, with no atomics: the row kernel recomputes the rows, runs LayerNorm's backward and
+writes each row's dx (float32) and its two keys (the word and position rows it read); each program
+sums the LayerNorm parameters' gradients over its STEPS blocks of rows into one partial row, summed
+in program order by the launcher. A stable sort of the keys and searchsorted (device ops of fixed
+shapes, no host synchronisation) give each word and position row its sources in row order, and
+the segment-sum kernel adds them in a fixed order (SEG sources a step, each step a fixed tree) and
+writes the gradient in the weights' dtype. A keep entry or token out of range makes its row NaN
+and adds no gradient (refusing it would take a host synchronisation). The semantics are
+fastforget/ops/token_embed.py's.
 """
 import itertools
 
@@ -18,6 +22,8 @@ from .launch import on_inputs_device
 
 TILE = 4096  # elements a program's tile holds: rows of one block share the LayerNorm parameters
 STEPS = 8  # backward: row blocks a program walks (its partial sums cover them all)
+SEG = 64  # segment sum: sources a step (SEG x SEG_COLS = TILE: 32 float32 in flight a thread of 4 warps)
+SEG_COLS = 64  # segment sum: columns a program (a heavy row, mask_id's, spreads over D / 64 programs)
 
 
 def _block_d(dim: int) -> int:
@@ -80,9 +86,11 @@ def token_forward_kernel(tokens_ptr, keep_ptr, masked_ptr, word_ptr, pos_ptr, ln
 
 
 @triton.jit
-def token_backward_kernel(dy_ptr, tokens_ptr, keep_ptr, masked_ptr, word_ptr, pos_ptr, lnw_ptr, rstd_ptr,
-                          d_word_ptr, d_pos_ptr, partial_ptr, rows, length, keep_count, dim, vocab, class_id,
+def token_backward_kernel(dy_ptr, tokens_ptr, keep_ptr, masked_ptr, word_ptr, pos_ptr, lnw_ptr, rstd_ptr, dx_ptr,
+                          word_key_ptr, pos_key_ptr, partial_ptr, rows, length, keep_count, dim, vocab, class_id,
                           mask_id, ROWS: tl.constexpr, BLOCK_D: tl.constexpr, STEPS: tl.constexpr):
+    """dx (rows, dim) float32; each row's word key and position key, vocab and 1 + length for a
+    row out of range (they sort past every weight row); partial (programs, 2, dim)."""
     d = tl.arange(0, BLOCK_D)
     w = tl.load(lnw_ptr + d, mask=d < dim, other=0.0).to(tl.float32)
     sum_dw = tl.zeros([BLOCK_D], dtype=tl.float32)  # of dy x_hat and dy over the program's rows
@@ -100,13 +108,36 @@ def token_backward_kernel(dy_ptr, tokens_ptr, keep_ptr, masked_ptr, word_ptr, po
         mean_g = tl.sum(g, axis=1) / dim
         mean_gx = tl.sum(g * x_hat, axis=1) / dim
         dx = (g - mean_g[:, None] - x_hat * mean_gx[:, None]) * rstd[:, None]
-        tl.atomic_add(d_word_ptr + ids[:, None] * dim + d[None, :], dx, mask=in_row, sem="relaxed")
-        tl.atomic_add(d_pos_ptr + positions[:, None] * dim + d[None, :], dx, mask=in_row, sem="relaxed")
+        tl.store(dx_ptr + r.to(tl.int64)[:, None] * dim + d[None, :], dx, mask=in_row)
+        tl.store(word_key_ptr + r, tl.where(bad, vocab, ids), mask=valid)
+        tl.store(pos_key_ptr + r, tl.where(bad, length + 1, positions), mask=valid)
         sum_dw += tl.sum(dy * x_hat, axis=0)
         sum_db += tl.sum(dy, axis=0)
     out = partial_ptr + tl.program_id(0).to(tl.int64) * 2 * dim
     tl.store(out + d, sum_dw, mask=d < dim)
     tl.store(out + dim + d, sum_db, mask=d < dim)
+
+
+@triton.jit
+def token_segment_sum_kernel(dx_ptr, perm_ptr, offsets_ptr, grad_ptr, dim, SEG: tl.constexpr,
+                             BLOCK_C: tl.constexpr):
+    """grad[v, tile] = the sum of dx[perm[offsets[v]:offsets[v + 1]], tile] (zero when empty),
+    float32, in a fixed order: SEG sources a step in segment order, each step summed as a fixed tree."""
+    v = tl.program_id(0)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    lo = tl.load(offsets_ptr + v)
+    hi = tl.load(offsets_ptr + v + 1)
+    acc = tl.zeros([BLOCK_C], dtype=tl.float32)
+    for start in range(lo, hi, SEG):
+        i = start + tl.arange(0, SEG)
+        src = tl.load(perm_ptr + i, mask=i < hi, other=0)
+        x = tl.load(dx_ptr + src[:, None] * dim + c[None, :], mask=(i < hi)[:, None] & (c < dim)[None, :], other=0.0)
+        acc += tl.sum(x, axis=0)
+    tl.store(grad_ptr + v.to(tl.int64) * dim + c, acc.to(grad_ptr.dtype.element_ty), mask=c < dim)
+
+
+def _seg_cols(dim: int) -> int:
+    return min(SEG_COLS, _block_d(dim))
 
 
 @on_inputs_device
@@ -128,28 +159,40 @@ def forward(tokens, keep, masked, word, pos, ln_weight, ln_bias, class_id: int, 
 
 @on_inputs_device
 def backward(grad, tokens, keep, masked, word, pos, ln_weight, mean, rstd, class_id: int, mask_id: int):
-    """(d word, d pos, d ln_weight, d ln_bias), each in the weights' dtype."""
+    """(d word, d pos, d ln_weight, d ln_bias), each in the weights' dtype, the same bits every run."""
     batch, keep_count = keep.shape
+    length = tokens.shape[1]
     dim = word.shape[1]
     rows = batch * (1 + keep_count)
     block_d = _block_d(dim)
-    d_word = torch.zeros(word.shape, dtype=torch.float32, device=word.device)
-    d_pos = torch.zeros(pos.shape, dtype=torch.float32, device=word.device)
+    device = word.device
+    dx = torch.empty(rows, dim, dtype=torch.float32, device=device)
+    keys = torch.empty(2, rows, dtype=torch.int64, device=device)  # word keys, position keys
     programs = triton.cdiv(rows, _rows(block_d) * STEPS)
-    partial = torch.empty(programs, 2, dim, dtype=torch.float32, device=word.device)
-    token_backward_kernel[(programs,)](grad, tokens, keep, masked.view(torch.uint8), word, pos, ln_weight, rstd,
-                                       d_word, d_pos, partial, rows, tokens.shape[1], keep_count, dim, word.shape[0],
+    partial = torch.empty(programs, 2, dim, dtype=torch.float32, device=device)
+    token_backward_kernel[(programs,)](grad, tokens, keep, masked.view(torch.uint8), word, pos, ln_weight, rstd, dx,
+                                       keys[0], keys[1], partial, rows, length, keep_count, dim, word.shape[0],
                                        class_id, mask_id, ROWS=_rows(block_d), BLOCK_D=block_d, STEPS=STEPS,
                                        num_warps=_warps(block_d))
+    # weight row v's sources: perm[k, offsets[k, v]:offsets[k, v + 1]], in row order (a stable sort)
+    sorted_keys, perm = torch.sort(keys, dim=1, stable=True)
+    perm = perm.contiguous()  # the kernel walks its rows
+    bounds = torch.arange(max(word.shape[0], length + 1) + 1, dtype=torch.int64, device=device)
+    offsets = torch.searchsorted(sorted_keys, bounds.repeat(2, 1))
+    d_word, d_pos = torch.empty_like(word), torch.empty_like(pos)
+    cols = _seg_cols(dim)
+    for k, out in enumerate((d_word, d_pos)):
+        token_segment_sum_kernel[(out.shape[0], triton.cdiv(dim, cols))](dx, perm[k], offsets[k], out, dim, SEG=SEG,
+                                                                         BLOCK_C=cols, num_warps=4)
     sums = partial.sum(0)
     # copies: the gradients must not share storage (outputs of a custom op never alias)
-    return (d_word.to(word.dtype), d_pos.to(word.dtype), sums[0].to(word.dtype, copy=True),
-            sums[1].to(word.dtype, copy=True))
+    return d_word, d_pos, sums[0].to(word.dtype, copy=True), sums[1].to(word.dtype, copy=True)
 
 
 def aot_variants():
     """As kernels/group_norm.py's: every dtype, the narrowest row block and MAGE's (ViT-B, D = 768,
-    and ViT-L, 1024: one 1024-wide block), D a multiple of 16 (16-byte accesses)."""
+    and ViT-L, 1024: one 1024-wide block), D a multiple of 16 (16-byte accesses); the segment sum's
+    narrowest column tile and its widest."""
     ids = dict(tokens_ptr="*i64", keep_ptr="*i64", masked_ptr="*u8")
     sizes = dict(rows="i32", length="i32", keep_count="i32", dim="i32", vocab="i32", class_id="i32", mask_id="i32")
     for ty, block_d in itertools.product(("fp32", "bf16", "fp16"), (16, 1024)):
@@ -157,6 +200,8 @@ def aot_variants():
         shape = dict(ROWS=_rows(block_d), BLOCK_D=block_d)
         yield token_forward_kernel, dict(**ids, **params, lnb_ptr=f"*{ty}", out_ptr=f"*{ty}", mean_ptr="*fp32",
                                          rstd_ptr="*fp32", **sizes, eps="fp32"), shape, ("dim",), _warps(block_d)
-        yield token_backward_kernel, dict(dy_ptr=f"*{ty}", **ids, **params, rstd_ptr="*fp32",
-                                          d_word_ptr="*fp32", d_pos_ptr="*fp32", partial_ptr="*fp32", **sizes), \
+        yield token_backward_kernel, dict(dy_ptr=f"*{ty}", **ids, **params, rstd_ptr="*fp32", dx_ptr="*fp32",
+                                          word_key_ptr="*i64", pos_key_ptr="*i64", partial_ptr="*fp32", **sizes), \
             dict(shape, STEPS=STEPS), ("dim",), _warps(block_d)
+        yield token_segment_sum_kernel, dict(dx_ptr="*fp32", perm_ptr="*i64", offsets_ptr="*i64", grad_ptr=f"*{ty}",
+                                             dim="i32"), dict(SEG=SEG, BLOCK_C=_seg_cols(block_d)), ("dim",), 4

@@ -69,6 +69,9 @@ def test_triton_kernels_compile_for_sm90_with_wide_accesses():
     for name in ("token_forward_kernel", "token_backward_kernel"):
         token = [line for line in lines if line.startswith(name)]
         assert len(token) == 6 and all("ld.global.v4" in line for line in token if "ROWS=4" in line)
+    # its backward's segment sums: 3 dtypes x 2 column tiles, 16-byte reads of the float32 dx rows
+    segments = [line for line in lines if line.startswith("token_segment_sum_kernel")]
+    assert len(segments) == 6 and all("ld.global.v4" in line for line in segments)
     # Hopper's tensor-core instruction for every 16-bit and tf32 variant.
     assert all("wgmma.mma_async" in line for line in patch if "*bf16" in line or "*fp16" in line or "tf32" in line)
 

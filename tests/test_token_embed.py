@@ -137,6 +137,37 @@ def test_cpu_gradients_are_bitwise_deterministic_across_threads():
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("dim", [40, 136])  # one column tile of the GPU's segment sums, and several
+def test_every_row_one_word_row(backend, device, dim):
+    """tokens, class_id and mask_id all word row 0: every row's gradient lands in one word row (a
+    segment of 241 sources, past the segment sums' steps) and each position row collects the batch's."""
+    tokens, keep, masked, weights = make(device, 40, 8, 5, dim, 6)
+    tokens = torch.zeros_like(tokens)
+    ws = [w.detach().requires_grad_() for w in weights]
+    grads = []
+    for fn in (op(backend), reference.token_embed):
+        out = fn(tokens, keep, masked, *ws, class_id=0, mask_id=0)
+        g = torch.randn(out.shape, generator=torch.Generator().manual_seed(7)).to(out.device)
+        grads.append(torch.autograd.grad((out.float() * g).sum(), ws))
+    (d_word, *_), (want_word, *_) = grads
+    assert (d_word[1:] == 0).all() and want_word[0].abs().min() > 0
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4 * max(1.0, float(b.abs().max())))
+
+
+@pytest.mark.parametrize("backend,device", [p for p in BACKENDS if p.values[0] in ("cuda", "triton")
+                                            and p.values[1] == "cuda"])
+def test_gpu_backward_repeats_bitwise(backend, device):
+    """No atomics: each weight row's sources are summed in a fixed order, so thousands of rows
+    landing in a few word rows (mask_id's, class_id's and 3 tokens') give the same bits every run."""
+    tokens, keep, masked, weights = make(device, 64, 64, 48, 768, 13, dtype=torch.float32)
+    first = run(op(backend), tokens, keep, masked, weights)
+    for _ in range(3):
+        again = run(op(backend), tokens, keep, masked, weights)
+        assert torch.equal(first[0], again[0]) and all(torch.equal(a, b) for a, b in zip(first[1], again[1]))
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
 def test_opcheck(backend, device):
     tokens, keep, masked, weights = make(device, 2, 5, 3, 16, 7)
     weights = [w.requires_grad_() for w in weights]

@@ -155,9 +155,11 @@ at::Tensor vq_quantize(const at::Tensor& z_in, const at::Tensor& codebook_in) {
   return indices;
 }
 
-// MAGE's token embedding: forward a row per thread group; backward's atomics into float32 buffers
-// (the order of the additions varies), cast to the weights' dtype, and the LayerNorm parameters'
-// gradients from the blocks' partial sums, added in block order.
+// MAGE's token embedding: forward a row per thread group. Backward, deterministic with no atomics
+// and no host synchronisation: each row's dx (float32) and keys; one stable sort of the keys and
+// searchsorted (device ops of fixed shapes) give each word and position row its sources, in row
+// order; the segment-sum kernel adds them in a fixed order and writes the weights' dtype. The
+// LayerNorm parameters' gradients come from the blocks' partial sums, added in block order.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> token_embed_forward(
     const at::Tensor& tokens, const at::Tensor& keep, const at::Tensor& masked, const at::Tensor& word,
     const at::Tensor& pos, const at::Tensor& ln_weight, const at::Tensor& ln_bias, int64_t class_id, int64_t mask_id,
@@ -182,14 +184,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> token_embed_backward(
   TORCH_CHECK(args.dim <= kTokenEmbedMaxDim, "word_weight: the cuda kernel takes D <= ", kTokenEmbedMaxDim, ", got ",
               args.dim);
   token_embed_backward_inputs(args, grad, mean, rstd, word);
-  const auto f32 = word.options().dtype(at::kFloat);
-  at::Tensor d_word = at::zeros(word.sizes(), f32), d_pos = at::zeros(pos.sizes(), f32);
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const int64_t rows = token_rows(args), positions = args.length + 1;
+  const auto f32 = word.options().dtype(at::kFloat), i64 = word.options().dtype(at::kLong);
+  at::Tensor dx = at::empty({rows, args.dim}, f32), keys = at::empty({2, rows}, i64);  // word keys, position keys
   at::Tensor partial = at::empty({token_embed_backward_blocks(args), 2, args.dim}, f32);
-  C10_CUDA_CHECK(launch_token_embed_backward(args, d_word.data_ptr<float>(), d_pos.data_ptr<float>(),
-                                             partial.data_ptr<float>(), at::cuda::getCurrentCUDAStream()));
+  C10_CUDA_CHECK(launch_token_embed_backward(args, dx.data_ptr<float>(), keys.data_ptr<int64_t>(),
+                                             keys.data_ptr<int64_t>() + rows, partial.data_ptr<float>(), stream));
+  // Row v's sources: perm[offsets[v], offsets[v + 1]) (rows out of range sort past every v)
+  const auto [sorted, indices] = at::sort(keys, /*stable=*/true, /*dim=*/1, /*descending=*/false);
+  const at::Tensor perm = indices.contiguous();  // (2, rows): the kernel walks rows of it
+  const int64_t bounds = std::max(args.vocab, positions) + 1;
+  const at::Tensor offsets = at::searchsorted(sorted, at::arange(bounds, i64).repeat({2, 1}));
+  at::Tensor d_word = at::empty_like(word), d_pos = at::empty_like(pos);
+  for (const auto& [g, k, destinations] : {std::tuple{&d_word, 0, args.vocab}, {&d_pos, 1, positions}})
+    C10_CUDA_CHECK(launch_token_embed_segment_sum(dx.data_ptr<float>(), args.dim, perm[k].data_ptr<int64_t>(),
+                                                  offsets[k].data_ptr<int64_t>(), destinations, g->data_ptr(),
+                                                  args.dtype, stream));
   const at::Tensor sums = partial.sum(0);
   const auto dtype = word.scalar_type();
-  return {d_word.to(dtype), d_pos.to(dtype), sums[0].to(dtype, false, true), sums[1].to(dtype, false, true)};
+  return {d_word, d_pos, sums[0].to(dtype, false, true), sums[1].to(dtype, false, true)};
 }
 
 struct Kernels {  // for autograd.h

@@ -1,11 +1,17 @@
 // MAGE's token embedding: each row of the output is one group of threads (blockDim.x, 8
 // elements a thread: 16-byte accesses where rows are 16-byte aligned), blockDim.y rows a block.
 // Forward sums the word and position rows in registers, takes the statistics in two reductions
-// (mean, then squared deviations) and writes the row. Backward recomputes the row, runs
-// LayerNorm's backward and adds dx into the word and position rows with float32 atomics (vector
-// atomics on sm_90); the LayerNorm parameters' sums stay in registers over a block's rows, are
-// summed over its groups in group order and written once a block. Reductions are in a fixed
-// order; only the atomics' order varies.
+// (mean, then squared deviations) and writes the row. Backward is deterministic, with no atomics:
+//   1. backward_kernel recomputes each row, runs LayerNorm's backward and writes the row's dx
+//      (float32) and its two keys (the word row and the position row it read); the LayerNorm
+//      parameters' sums stay in registers over a block's rows, are summed over its groups in group
+//      order and written once a block (the blocks' partials are summed in block order);
+//   2. the bindings sort the keys (stable: rows in row order within a key) and find each weight
+//      row's segment of sources with searchsorted, on the device, in fixed shapes;
+//   3. segment_sum_kernel gives each (weight row, column tile) one block, which sums its sources'
+//      dx in a fixed order (warp w takes every kSegWarps-th source from the w-th, in order; the
+//      warps' sums are added in warp order) and writes the gradient row in the weights' dtype.
+// Every sum has a fixed order, so the gradients repeat bit for bit from run to run.
 #include "token_embed.h"
 
 #include <algorithm>
@@ -68,25 +74,6 @@ __device__ __forceinline__ void store_part(T* row, int64_t e0, int64_t dim, cons
   }
 }
 
-template <bool kVecIO>
-__device__ __forceinline__ void atomic_add_part(float* row, int64_t e0, int64_t dim, const float (&v)[kVec]) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  constexpr bool kVectorAtomics = kVecIO;  // sm_90's 16-byte atomics
-#else
-  constexpr bool kVectorAtomics = false;
-#endif
-  if constexpr (kVectorAtomics) {
-    if (e0 < dim) {
-      atomicAdd(reinterpret_cast<float4*>(row + e0), make_float4(v[0], v[1], v[2], v[3]));
-      atomicAdd(reinterpret_cast<float4*>(row + e0 + 4), make_float4(v[4], v[5], v[6], v[7]));
-    }
-  } else {
-#pragma unroll
-    for (int j = 0; j < kVec; ++j)
-      if (e0 + j < dim) atomicAdd(row + e0 + j, v[j]);
-  }
-}
-
 // x = word[id] + pos[position], this thread's part.
 template <bool kVecIO, typename T>
 __device__ __forceinline__ void row_part(const TokenEmbedArgs& a, TokenRow row, int64_t e0, float (&x)[kVec]) {
@@ -132,7 +119,7 @@ __global__ void forward_kernel(TokenEmbedArgs a) {
 }
 
 template <typename T, bool kVecIO>
-__global__ void backward_kernel(TokenEmbedArgs a, float* d_word, float* d_pos, float* partial) {
+__global__ void backward_kernel(TokenEmbedArgs a, float* dx, int64_t* word_key, int64_t* pos_key, float* partial) {
   extern __shared__ float sums[];  // (2, dim): the groups' parameter sums, added in group order
   const int64_t rows = token_rows(a), e0 = int64_t(threadIdx.x) * kVec;
   const int64_t first = (int64_t(blockIdx.x) * blockDim.y + threadIdx.y) * kRowsPerGroup;
@@ -164,11 +151,15 @@ __global__ void backward_kernel(TokenEmbedArgs a, float* d_word, float* d_pos, f
       pb[j] += dy[j];
     }
     s = row_sum(s);
+    if (r >= rows) continue;
+    if (threadIdx.x == 0) {  // a row out of range sorts past every weight row: it adds nothing
+      word_key[r] = valid ? row.id : a.vocab;
+      pos_key[r] = valid ? row.position : a.length + 1;
+    }
     if (!valid) continue;
 #pragma unroll
     for (int j = 0; j < kVec; ++j) g[j] = (g[j] - s.x * inv_dim - x[j] * s.y * inv_dim) * rstd;  // dx
-    atomic_add_part<kVecIO>(d_word + row.id * a.dim, e0, a.dim, g);
-    atomic_add_part<kVecIO>(d_pos + row.position * a.dim, e0, a.dim, g);
+    store_part<kVecIO>(dx + r * a.dim, e0, a.dim, g);
   }
   for (int group = 0; group < int(blockDim.y); ++group) {
     if (threadIdx.y == group)
@@ -182,6 +173,62 @@ __global__ void backward_kernel(TokenEmbedArgs a, float* d_word, float* d_pos, f
   float* out = partial + int64_t(blockIdx.x) * 2 * a.dim;
   for (int64_t e = threadIdx.y * blockDim.x + threadIdx.x; e < 2 * a.dim; e += blockDim.x * blockDim.y)
     out[e] = sums[e];
+}
+
+// Segment sums: grad[v] = the sum of dx's rows perm[offsets[v], offsets[v + 1]), zero when
+// empty. A block is one (v, column tile of kSegCols): 32 lanes of 4 columns (16-byte loads where
+// dim is a multiple of 4), kSegWarps warps. Warp w sums the sources w, w + kSegWarps, ... of the
+// segment in order (kSegUnroll of them in flight); the warps' sums are added in warp order.
+constexpr int kSegWarps = 8, kSegCols = 32 * 4, kSegUnroll = 8;
+
+template <bool kVec4>
+__device__ __forceinline__ void load4(const float* row, int64_t c0, int64_t dim, float (&v)[4]) {
+  if constexpr (kVec4) {  // dim a multiple of 4: a vector is all in the row or all past it
+    const float4 f = c0 < dim ? __ldg(reinterpret_cast<const float4*>(row + c0)) : make_float4(0.f, 0.f, 0.f, 0.f);
+    v[0] = f.x; v[1] = f.y; v[2] = f.z; v[3] = f.w;
+  } else {
+#pragma unroll
+    for (int j = 0; j < 4; ++j) v[j] = c0 + j < dim ? __ldg(row + c0 + j) : 0.0f;
+  }
+}
+
+template <typename T, bool kVec4>  // no __launch_bounds__: with it ptxas 13.0 spills 8 bytes
+__global__ void segment_sum_kernel(const float* __restrict__ dx, int64_t dim, const int64_t* __restrict__ perm,
+                                   const int64_t* __restrict__ offsets, T* __restrict__ grad) {
+  __shared__ __align__(16) float sums[kSegWarps][kSegCols];
+  const int64_t v = blockIdx.x, tile = int64_t(blockIdx.y) * kSegCols, c0 = tile + threadIdx.x * 4;
+  const int64_t lo = offsets[v], hi = offsets[v + 1];
+  float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+  if (c0 < dim) {  // this warp's sources lo + w, lo + w + kSegWarps, ... in order
+    int64_t s = lo + threadIdx.y;
+    for (; s + int64_t(kSegUnroll - 1) * kSegWarps < hi; s += int64_t(kSegUnroll) * kSegWarps) {
+      int64_t src[kSegUnroll];  // whole rounds: kSegUnroll independent loads, then the adds in order
+      float x[kSegUnroll][4];
+#pragma unroll
+      for (int u = 0; u < kSegUnroll; ++u) src[u] = perm[s + int64_t(u) * kSegWarps];
+#pragma unroll
+      for (int u = 0; u < kSegUnroll; ++u) load4<kVec4>(dx + src[u] * dim, c0, dim, x[u]);
+#pragma unroll
+      for (int u = 0; u < kSegUnroll; ++u)
+#pragma unroll
+        for (int j = 0; j < 4; ++j) acc[j] += x[u][j];
+    }
+    for (; s < hi; s += kSegWarps) {
+      float x[4];
+      load4<kVec4>(dx + perm[s] * dim, c0, dim, x);
+#pragma unroll
+      for (int j = 0; j < 4; ++j) acc[j] += x[j];
+    }
+  }
+  *reinterpret_cast<float4*>(&sums[threadIdx.y][threadIdx.x * 4]) = make_float4(acc[0], acc[1], acc[2], acc[3]);
+  __syncthreads();
+  const int t = threadIdx.y * 32 + threadIdx.x;  // one column a thread, the warps' sums in warp order
+  if (t < kSegCols && tile + t < dim) {
+    float total = sums[0][t];
+#pragma unroll
+    for (int w = 1; w < kSegWarps; ++w) total += sums[w][t];
+    grad[v * dim + tile + t] = from_f<T>(total);
+  }
 }
 
 struct Shape {
@@ -230,15 +277,30 @@ int64_t token_embed_backward_blocks(const TokenEmbedArgs& a) {
   return (token_rows(a) + s.rows_per_block - 1) / s.rows_per_block;
 }
 
-cudaError_t launch_token_embed_backward(const TokenEmbedArgs& a, float* d_word, float* d_pos, float* partial,
-                                        cudaStream_t stream) {
+cudaError_t launch_token_embed_backward(const TokenEmbedArgs& a, float* dx, int64_t* word_key, int64_t* pos_key,
+                                        float* partial, cudaStream_t stream) {
   if (a.dim > kTokenEmbedMaxDim) return cudaErrorInvalidValue;
   const Shape s = shape(a, kRowsPerGroup);
   const size_t shared = size_t(2 * a.dim) * sizeof(float);
-  dispatch_io(a.dtype, vector_io(a, d_word) && vector_io(a, d_pos), [&](auto* tag, auto vec_io) {
+  dispatch_io(a.dtype, vector_io(a, dx), [&](auto* tag, auto vec_io) {
     using T = std::remove_pointer_t<decltype(tag)>;
     backward_kernel<T, decltype(vec_io)::value>
-        <<<unsigned(token_embed_backward_blocks(a)), s.block, shared, stream>>>(a, d_word, d_pos, partial);
+        <<<unsigned(token_embed_backward_blocks(a)), s.block, shared, stream>>>(a, dx, word_key, pos_key, partial);
+  });
+  return cudaGetLastError();
+}
+
+cudaError_t launch_token_embed_segment_sum(const float* dx, int64_t dim, const int64_t* perm, const int64_t* offsets,
+                                           int64_t destinations, void* grad, DType dtype, cudaStream_t stream) {
+  const int64_t tiles = (dim + kSegCols - 1) / kSegCols;
+  if (destinations > 0x7fffffff || tiles > 65535) return cudaErrorInvalidValue;
+  if (destinations == 0) return cudaSuccess;
+  const bool vec4 = dim % 4 == 0 && reinterpret_cast<uintptr_t>(dx) % 16 == 0;
+  const dim3 grid{unsigned(destinations), unsigned(tiles)}, block{32, kSegWarps};
+  dispatch(dtype, [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    if (vec4) segment_sum_kernel<T, true><<<grid, block, 0, stream>>>(dx, dim, perm, offsets, static_cast<T*>(grad));
+    else segment_sum_kernel<T, false><<<grid, block, 0, stream>>>(dx, dim, perm, offsets, static_cast<T*>(grad));
   });
   return cudaGetLastError();
 }

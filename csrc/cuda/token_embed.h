@@ -18,10 +18,17 @@ cudaError_t launch_token_embed_forward(const TokenEmbedArgs& args, cudaStream_t 
 // How many blocks backward runs: the rows of partial.
 int64_t token_embed_backward_blocks(const TokenEmbedArgs& args);
 
-// Adds each row's dx into d_word (vocab, dim) and d_pos (1 + length, dim), float32, zeroed by the
-// caller, with atomics (the order of the additions varies from run to run); writes partial
-// (blocks, 2, dim): each block's sums of dy * x_hat and dy (ln_weight's and ln_bias's gradients).
-cudaError_t launch_token_embed_backward(const TokenEmbedArgs& args, float* d_word, float* d_pos, float* partial,
-                                        cudaStream_t stream);
+// Writes dx (rows, dim) float32, each row's LayerNorm input gradient; word_key and pos_key (rows,):
+// the word row and the position row it read (vocab and 1 + length for a row out of range, which
+// sort past every weight row, so it adds nothing); and partial (blocks, 2, dim): each block's sums
+// of dy * x_hat and dy (ln_weight's and ln_bias's gradients). No atomics: every sum in a fixed order.
+cudaError_t launch_token_embed_backward(const TokenEmbedArgs& args, float* dx, int64_t* word_key, int64_t* pos_key,
+                                        float* partial, cudaStream_t stream);
+
+// grad (destinations, dim) in dtype: row v is the float32 sum of dx's rows perm[offsets[v],
+// offsets[v + 1]) (offsets: destinations + 1 entries), in a fixed order, zero when empty. One block
+// a (row, 128-column tile): deterministic, no atomics.
+cudaError_t launch_token_embed_segment_sum(const float* dx, int64_t dim, const int64_t* perm, const int64_t* offsets,
+                                           int64_t destinations, void* grad, DType dtype, cudaStream_t stream);
 
 }  // namespace fastforget

@@ -11,10 +11,13 @@ ids, runs LayerNorm's backward and adds each row's gradient into the word and po
 read (float32 sums, cast to the weights' dtype at the end). Row 0's word row is class_id's, and
 every masked row adds into mask_id's, so those rows collect many gradients.
 
-Determinism: the CPU kernels (each word or position row summed by one task, in row order, for
-any thread count) and the torch backend on the CPU give the same bits on every run; the cuda and
-triton backward (and torch's index_add_ on CUDA) add with float32 atomics, so their weight
-gradients may differ in the last bits from run to run.
+Determinism: the kernels give the same bits on every run, with no atomics. The CPU's sum each
+word or position row in one task, in row order, for any thread count. The cuda and triton backward
+write each row's dx (float32), sort the rows by the word row and the position row they read (a
+stable torch.sort and searchsorted on the device: fixed shapes, no host synchronisation) and sum
+each weight row's sources in a fixed order in a segment-sum kernel, one block (program) a weight
+row and column tile. The torch backend repeats itself on the CPU; on CUDA its index_add_ adds with
+atomics (outside torch's deterministic mode), so its weight gradients may differ in the last bits.
 """
 from __future__ import annotations
 
