@@ -1,5 +1,5 @@
-"""pytest-benchmark suite on the CPU: one whole unlearning step of mae_vit_tiny and of
-palette_tiny, per provider.
+"""pytest-benchmark suite on the CPU: one whole unlearning step of mae_vit_tiny, palette_tiny
+and mage_tiny, per provider.
 
     .venv/bin/python -m pytest benchmarks/test_bench_step.py --benchmark-columns=median,iqr,ops
 
@@ -13,7 +13,7 @@ from fastforget import families
 from fastforget.bench import step as bench_step, steps
 
 # (model, batch, mask ratio): MAE's at its step benchmark's batch, Palette's at the issue's
-MODELS = [("mae_vit_tiny", 128, 0.75), ("palette_tiny", 64, None)]
+MODELS = [("mae_vit_tiny", 128, 0.75), ("palette_tiny", 64, None), ("mage_tiny", 64, None)]
 
 
 @pytest.mark.parametrize("model_name,batch,mask_ratio", MODELS, ids=[m[0] for m in MODELS])

@@ -10,7 +10,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from fastforget import cli
 from fastforget.bench import ops as bench_ops, overhead as bench_overhead, step as bench_step, timing
-from fastforget.bench.steps import mae as mae_steps, palette as palette_steps
+from fastforget.bench.steps import mae as mae_steps, mage as mage_steps, palette as palette_steps
 from fastforget.models import create_mae
 from fastforget.ops import random_masking
 
@@ -83,6 +83,42 @@ def test_palette_step_flops_are_the_methods():
     spec = bench_step.Spec("fastforget", "palette_places2", 2, None, "cpu")
     per_image = palette_steps.flops(model, spec) / 2
     assert 3.85 < per_image / 102_193_659_904 < 4.0
+
+
+@pytest.mark.parametrize("plain", [False, True])
+def test_mage_providers_compute_the_models_tokens_and_latent(plain):
+    """The reference re-creation (its masks by cut-off, nonzero scatter and gather, all positions
+    embedded, q.k^T in fp32) and plain PyTorch's (ranks, SDPA) give fastforget's model's tokens
+    and latent under the same masks."""
+    from fastforget.models.mage import create_mage
+
+    torch.manual_seed(0)
+    model = create_mage("mage_tiny").eval()
+    images = torch.rand(3, 1, 16, 16)
+    tokens = model.tokenize(images)
+    assert torch.equal(mage_steps.tokenize(model, images, keep_all=not plain), tokens)
+    masks = model.draw_masks(3, torch.Generator().manual_seed(1))
+    ours = model.encode_tokens(tokens, masks.keep, masks.masked)
+    if plain:
+        theirs = mage_steps._plain_encoder(model, tokens, masks.keep, masks.all > 0)
+    else:
+        theirs = mage_steps._reference_encoder(model, images, masks.drop, masks.all)
+    torch.testing.assert_close(theirs, ours, rtol=1e-5, atol=1e-5)
+    drop, every = mage_steps._reference_masks(model, 4, "cpu")
+    assert drop.sum(1).tolist() == [32] * 4 and (drop <= every).all()
+
+
+def test_mage_step_flops_are_the_methods():
+    """1.5 tokenizations (the clean batch and the forget half's noise), the student's forward and
+    backward and one teacher pass: at ViT-B, 256 px, 1.5 x 128.6 GFLOP of VQGAN encoder (mage.md
+    §6.1) and 4 x 22.5 GFLOP of ViT."""
+    from fastforget.models.mage import create_mage
+
+    with torch.device("meta"):
+        model = create_mage("mage_vit_base_patch16")
+    spec = bench_step.Spec("fastforget", "mage_vit_base_patch16", 2, None, "cpu")
+    per_image = mage_steps.flops(model, spec) / 2
+    assert 1.5 * 128.6e9 + 3.8 * 22.3e9 < per_image < 1.5 * 129.5e9 + 4.0 * 22.6e9
 
 
 def test_bench_step_writes_rows_plot_and_profiles(tmp_path, capsys):
@@ -184,11 +220,12 @@ def test_paired_rounds_cancel_drift_and_take_more_rounds_when_unsettled():
     assert "unsettled" in timing.unsettled_note(loose) and "noisy" in timing.unsettled_note(loose)
 
 
-def test_bench_step_takes_any_family(capsys):
-    assert cli.main(["bench", "step", "--model", "palette_tiny", "--batch-size", "4", "--reps", "2", "--min-time", "0",
+@pytest.mark.parametrize("model", ["palette_tiny", "mage_tiny"])
+def test_bench_step_takes_any_family(capsys, model):
+    assert cli.main(["bench", "step", "--model", model, "--batch-size", "4", "--reps", "2", "--min-time", "0",
                      "--device", "cpu"]) == 0
     out = capsys.readouterr().out
-    assert "unlearning step, palette_tiny, batch 4 on cpu" in out
+    assert f"unlearning step, {model}, batch 4 on cpu" in out
     assert all(any(line.startswith(p) for line in out.splitlines()) for p in bench_step.PROVIDERS)
     with pytest.raises(SystemExit, match="2"):
         cli.main(["bench", "step", "--model", "palette_tiny", "--mask-ratio", "0.5"])

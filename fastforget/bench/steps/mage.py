@@ -156,10 +156,11 @@ def _reference_encoder(model, imgs: Tensor, drop: Tensor, all_mask: Tensor) -> T
     return encode(model, ids, kept, explicit_attention=True)
 
 
-def _plain_encoder(model, tokens: Tensor, drop_rank: Tensor, masked: Tensor) -> Tensor:
+def _plain_encoder(model, tokens: Tensor, kept: Tensor, masked: Tensor) -> Tensor:
+    """kept (B, K) the kept positions, masked (B, L) the all-mask."""
     ids = torch.where(masked, model.mask_token_label, tokens)
     ids = torch.cat([torch.full_like(ids[:, :1], model.fake_class_label), ids], 1)
-    keep = torch.cat([torch.zeros_like(drop_rank[:, :1]), drop_rank + 1], 1)
+    keep = torch.cat([torch.zeros_like(kept[:, :1]), kept + 1], 1)
     return encode(model, ids, keep, explicit_attention=False)
 
 
