@@ -106,6 +106,14 @@ def measured(op: str, what: str, shape: str, dtype: torch.dtype, device: torch.d
                     ceiling, ceiling_name, note)
 
 
+def csv_folder(path):
+    """--csv's folder, made before any timing (a path that cannot take the file is named now, not
+    after the run)."""
+    if path:
+        from ..train.loop import output_dir
+        output_dir(os.path.dirname(os.path.abspath(path)), "--csv's folder")
+
+
 def device_of(args) -> torch.device:
     """--device, or CUDA when present."""
     from ..train.loop import resolve_device

@@ -105,6 +105,7 @@ def draw(csv_path: str) -> str:
 
 def main(args) -> int:
     device = harness.device_of(args)
+    harness.csv_folder(args.csv)
     size = args.size or ("large" if device.type == "cuda" else "small")
     sweep(LARGE if size == "large" else SMALL, device, args.reps, args.csv)
     calls = overhead.measure(device, args.reps)  # last: what each call costs beyond its kernel

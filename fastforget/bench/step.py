@@ -318,6 +318,7 @@ def draw(csv_path: str) -> str:
 
 def main(args) -> int:
     device = str(harness.device_of(args))
+    harness.csv_folder(args.csv)
     providers = [p for p in args.providers.split(",") if p]
     unknown = sorted(set(providers) - set(PROVIDERS))
     if unknown:
