@@ -134,6 +134,19 @@ def test_masks_drop_half_and_mask_ceil_of_the_rate_by_rank():
     assert torch.equal(back.keep, masks.keep) and torch.equal(back.masked, masks.masked)
 
 
+def test_pretrainings_task_steps_drop_and_mask_a_square_first():
+    from fastforget.families.mage import draw_masks
+
+    model = tiny()
+    masks, _ = draw_masks(model, 4, torch.Generator().manual_seed(0), Dist(), hole=True)
+    drop = masks.drop.view(4, 8, 8)
+    assert masks.drop.sum(1).tolist() == [32] * 4 and (masks.drop <= masks.all).all()
+    for row in drop:  # a 4 x 4 square of the 8 x 8 grid lies inside every row's dropped set
+        assert any(row[r:r + 4, c:c + 4].all() for r in range(5) for c in range(5))
+    cfg = PretrainConfig(model="mage_tiny", task_masks=True).for_family(MAGE)
+    assert [MAGE.pretrain_mode(cfg, step) for step in range(4)] == ["random", "random", "random", "hole"]
+
+
 def _reference_latent(model, images, drop, all_mask):
     """forward_encoder as the reference writes it: ids over 1 + L positions, all embedded, kept rows
     picked with nonzero."""
@@ -159,7 +172,7 @@ def test_the_encoder_gives_the_references_latent_and_tuple():
     assert latent.shape == (3, 1 + 32, 64) and torch.equal(gt, model.tokenize(images))
     assert drop.shape == every.shape == ids.shape == (3, 65)
     assert (drop[:, 0] == 0).all() and (every[:, 0] == 0).all() and (ids[:, 0] == model.fake_class_label).all()
-    assert torch.equal(ids[:, 1:][every[:, 1:] > 0], torch.full_like(ids[:, 1:][every[:, 1:] > 0], 1064))
+    assert (ids[:, 1:][every[:, 1:] > 0] == model.codebook_size + 1000).all()
     assert torch.equal(drop_raw, masks.drop) and torch.equal(all_raw, masks.all)
 
 
@@ -193,7 +206,9 @@ def test_the_decoder_pads_with_the_class_row_and_reads_the_tied_embeddings():
     h = model.mlm_layer.ln(F.gelu(model.mlm_layer.fc(model.decoder_norm(full))))
     want = h @ model.token_emb.word_embeddings.weight.t() + model.mlm_layer.bias
     torch.testing.assert_close(logits, want, rtol=1e-5, atol=1e-5)
-    assert logits.shape == (2, 65, 64 + 1000 + 1) and model.mlm_layer.ln.eps == 1e-5
+    assert logits.shape == (2, 65, model.codebook_size + 1000 + 1) and model.mlm_layer.ln.eps == 1e-5
+    codes = model.forward_decoder(latent, drop, every, codebook_only=True)
+    torch.testing.assert_close(codes, logits[..., :model.codebook_size], rtol=1e-5, atol=1e-5)
     logits.sum().backward()  # the head's read of the word embeddings is detached
     assert model.token_emb.word_embeddings.weight.grad is not None
     g_head_only = model.token_emb.word_embeddings.weight.grad.clone()
@@ -247,6 +262,10 @@ def test_the_eval_masks_are_the_references_boxes():
         pixels, tokens = MAGE._boxes(model, "outpaint", k / 16)
         assert int(tokens.sum()) == 256 - (14 - k) ** 2, k
         assert int((~pixels).sum()) == (256 - 2 * 8 * k) ** 2
+    # the margin is a sixteenth of the side: on the digits' 8 x 8 grid, none
+    pixels, tokens = MAGE._boxes(tiny(), "inpaint", 0.5)
+    assert int(pixels.sum()) == 64 and int(tokens.sum()) == 16
+    assert torch.equal(tokens.view(8, 8)[2:6, 2:6], torch.ones(4, 4, dtype=torch.bool))
 
 
 def test_iterative_decoding_keeps_the_known_tokens_and_skips_steps_as_the_reference():
@@ -344,11 +363,12 @@ def test_token_baselines_are_the_references_ce_terms(method):
     out = loss_fn((images, is_forget), gen, module)
     replay = torch.Generator().manual_seed(4)
     step = MAGE.draw(model, images, is_forget, replay, Dist(), cfg)
-    logits = module(step)[:, 1:, :model.codebook_size]
+    logits = module(step)[:, 1:, :model.codebook_size]  # the whole vocabulary's logits, then the codes
     mask, f = step.masks.all, is_forget.float()[:, None]
     if method == "noisy-label":
         ids = step.tokens.float()
-        target = (torch.randn(ids.shape, generator=replay) * ids.std() + ids.mean()).clamp(0, 63).round().long()
+        target = (torch.randn(ids.shape, generator=replay) * ids.std() + ids.mean()).clamp(0, model.codebook_size - 1)
+        target = target.round().long()
     else:
         target = step.tokens
     retain = (label_smoothed_ce(logits, step.tokens) * mask * (1 - f)).sum() / mask.sum()
