@@ -170,6 +170,8 @@ def build_parser() -> argparse.ArgumentParser:
     pretrain.add_argument("--part", default=None, help="what trains, for families that pretrain in parts (MAGE: "
                           "tokenizer, then model; default the last)")
     pretrain.add_argument("--init", default=None, help="start from this checkpoint (the previous part's)")
+    pretrain.add_argument("--task-masks", action="store_true",
+                          help="MAE, MAGE: every fourth step removes a random square of half the grid's side")
     loop_args(pretrain, "pretrained", 80)
     ev = sub.add_parser("eval", help="the paper's metrics for models on the retain and forget sets")
     ev.add_argument("--models", required=True, help="NAME=CHECKPOINT,... (the first is the original model)")
@@ -235,7 +237,7 @@ def run(args: argparse.Namespace) -> int:
                           compile=args.compile, deterministic=args.deterministic)
         if args.command == "pretrain":
             say(finished(run_pretrain(PretrainConfig(model=args.model, data=args.data, mask_ratio=args.mask_ratio,
-                                                     part=args.part, init=args.init,
+                                                     part=args.part, init=args.init, task_masks=args.task_masks,
                                                      class_list=args.classes, per_class=args.per_class,
                                                      device=args.device, augment=args.augment, loop=loop)), args.out))
             return 0
