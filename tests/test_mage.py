@@ -448,6 +448,17 @@ def test_pretraining_in_parts_trains_the_tokenizer_then_the_model(original):
         PretrainConfig(model="mage_tiny", part="decoder").for_family(MAGE)
 
 
+def test_tokenizer_pretraining_repeats_bit_for_bit(tmp_path):
+    """The VQ-VAE's codebook lookup once added its gradient with the CPU's atomics (codebook[ids]):
+    two runs drifted apart from the tenth step."""
+    runs = []
+    for name in ("a", "b"):
+        pretrain(PretrainConfig(model="mage_tiny", device="cpu", part="tokenizer", loop=LoopConfig(
+            out=str(tmp_path / name), epochs=0.6, batch_size=64, lr=1e-3, progress=False)))
+        runs.append(load_checkpoint(str(tmp_path / name / "checkpoint.pt"))["model"])
+    assert all(torch.equal(v, runs[1][k]) for k, v in runs[0].items())
+
+
 def test_unlearning_trains_the_encoder_path_only(original, tmp_path):
     metrics = _unlearn(original, tmp_path)
     before, after = _states(original, tmp_path)
