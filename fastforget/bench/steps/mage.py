@@ -82,14 +82,15 @@ def tokenize(model, imgs: Tensor, keep_all: bool) -> Tensor:
     """vqgan.encode(x)[2][2] in plain ops: the encoder (keep_all: every intermediate held, as the
     reference's hs list), then taming's distances and argmin in fp32."""
     enc, held = model.vqgan.encoder, []
+    keep = held.append if keep_all else (lambda _: None)
     h = enc.conv_in(imgs)
     for level in enc.down:
         for block in level.block:
             h = _res_block(block, h)
-            held.append(h) if keep_all else None
+            keep(h)
         if level.resample_name:
             h = F.avg_pool2d(h, 2)
-            held.append(h) if keep_all else None
+            keep(h)
     h = _res_block(enc.mid.block_2, _res_block(enc.mid.block_1, h))
     z = enc.conv_out(_swish_norm(enc.norm_out, h)).float()
     b, e, gh, gw = z.shape
