@@ -3,7 +3,7 @@
 # leave six files in $OUT (default ./gpu-out; the device tool brings back at most eight):
 # results.md (the tables, the fastforget step's top GPU ops, the tests' summary), step.csv/.png,
 # ops.csv/.png and logs.tar.gz (every log, ptxas's report, each provider's profile and trace).
-# Stage limits add up to 9.7 minutes (90 + 120 + 30 + 90 + 75 + 75 + 100 s); results.md is written
+# Stage limits add up to 9.7 minutes (90 + 120 + 25 + 90 + 75 + 75 + 85 + 20 s); results.md is written
 # however the script ends, so a stopped run still reports what it measured (bench ops writes its
 # CSV and plot row by row, the attention rows last).
 #   FASTFORGET_COMMIT=$(git rev-parse --short HEAD) bash benchmarks/gpu_suite.sh
@@ -15,7 +15,7 @@ mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 FASTFORGET_CACHE=/tmp/fastforget-cache
 export FASTFORGET_COMMIT=${FASTFORGET_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
 PY=${PYTHON:-python3}
-build_rc=- tests_rc=- timing_rc=- ops_rc=- step_rc=- palette_rc=- mage_rc=-
+build_rc=- tests_rc=- timing_rc=- ops_rc=- step_rc=- palette_rc=- mage_rc=- data_rc=-
 step() { echo "== $1 ($(date +%T))" | tee -a "$LOGS/suite.log"; }
 
 summary() {
@@ -23,7 +23,7 @@ summary() {
     echo "# fastforget GPU suite"
     echo "date: $(date -u +%F) · commit: $FASTFORGET_COMMIT · $(tail -1 "$LOGS/gpu.txt" 2>/dev/null)"
     echo "build rc=$build_rc · gpu tests rc=$tests_rc, timing tests rc=$timing_rc · step rc=$step_rc," \
-      "palette step rc=$palette_rc · mage step rc=$mage_rc · ops rc=$ops_rc"
+      "palette step rc=$palette_rc · mage step rc=$mage_rc · ops rc=$ops_rc · data rc=$data_rc"
     echo
     echo '```'
     grep -hv "^W1" "$LOGS/step.log" 2>/dev/null
@@ -39,6 +39,8 @@ summary() {
     head -40 "$LOGS/profile-mage/fastforget.txt" 2>/dev/null
     echo
     grep -hv "^W1" "$LOGS/ops.log" 2>/dev/null
+    echo
+    cat "$LOGS/data.log" 2>/dev/null
     echo
     tail -40 "$LOGS/tests.log" 2>/dev/null
     tail -5 "$LOGS/timing.log" 2>/dev/null
@@ -65,7 +67,7 @@ parallel=$($PY -c "import xdist" 2>/dev/null && echo "-n 4")
 timeout 120 $PY -m pytest -q -ra --durations=15 $parallel -m "gpu and not timing" tests/ >"$LOGS/tests.log" 2>&1
 tests_rc=$?
 tail -3 "$LOGS/tests.log"
-timeout 30 $PY -m pytest -q -ra -m "gpu and timing" tests/ >"$LOGS/timing.log" 2>&1
+timeout 25 $PY -m pytest -q -ra -m "gpu and timing" tests/ >"$LOGS/timing.log" 2>&1
 timing_rc=$?
 
 step "bench step (mae_vit_large_patch16, 224px, mask 0.75, batch 128), then each provider profiled"
@@ -84,5 +86,10 @@ timeout 75 $PY -m fastforget.cli bench step --model mage_vit_base_patch16 --batc
 mage_rc=$?
 
 step "bench ops (every op, MAE/MAGE/Palette shapes, against the roofline)"
-timeout 100 $PY -m fastforget.cli bench ops --device cuda --reps 20 --csv "$OUT/ops.csv" >"$LOGS/ops.log" 2>&1
+timeout 85 $PY -m fastforget.cli bench ops --device cuda --reps 20 --csv "$OUT/ops.csv" >"$LOGS/ops.log" 2>&1
 ops_rc=$?
+
+step "bench data (256 generated 500x375 JPEGs to 256², the host's decoding rate per worker: README's worker counts)"
+timeout 20 bash -c "$PY benchmarks/jpegs.py $LOGS/jpegs && $PY -m fastforget.cli bench data --data $LOGS/jpegs \
+  --size 256 --workers 1,4,8,12 --images 768" >"$LOGS/data.log" 2>&1
+data_rc=$?

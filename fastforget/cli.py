@@ -50,6 +50,18 @@ def data_args(p: argparse.ArgumentParser) -> None:
                    help="image directories: each class's first N files in sorted order (the reference's cap)")
 
 
+def reading_args(p: argparse.ArgumentParser) -> None:
+    """How a training run reads an image directory: bad files, and held in memory or streamed."""
+    p.add_argument("--skip-bad-images", action="store_true",
+                   help="leave unreadable image files out (counted) instead of stopping before training")
+    p.add_argument("--data-memory-mb", type=float, default=None, metavar="MB",
+                   help="image directories: hold the decoded images in memory up to this size, else stream them "
+                        "from disk (default: half the free memory, split over this machine's ranks; 0: stream)")
+    p.add_argument("--data-workers", type=int, default=None, metavar="N",
+                   help="streaming: decoding processes per rank (default: the spare cores, at most 12; 0: decode in "
+                        "the step's process)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fastforget", description="Fast machine unlearning for image-to-image models.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -109,6 +121,19 @@ def build_parser() -> argparse.ArgumentParser:
     step.add_argument("--profile", default=None, metavar="DIR",
                       help="after timing, profile each provider's steps into DIR (top ops table, Chrome trace)")
 
+    data = ops.add_parser("data", help="how fast a streamed image folder decodes, per worker, against a model's step")
+    data.add_argument("--data", required=True, help="an ImageFolder directory")
+    data.add_argument("--size", type=count, default=None,
+                      help="the side decoded to (default: what --model's runs hold, 8/7 of its side with crop-flip; "
+                           "else 256)")
+    data.add_argument("--images", type=count, default=512, help="files decoded per worker count (repeated if fewer)")
+    data.add_argument("--batch-size", type=count, default=64, help="images a worker decodes per item")
+    data.add_argument("--workers", default=None, help="comma-separated worker counts (default 1, 2, 4, ... to the "
+                                                      "cores; 0: this process)")
+    data.add_argument("--model", default=None, help="also time this model's unlearning step (bench step's fastforget)")
+    data.add_argument("--step-batch", type=count, default=64, help="the step's batch for --model")
+    data.add_argument("--device", default=None, help="for --model's step: cpu or cuda (default: cuda when present)")
+
     def loop_args(p, out_default, epochs):
         p.add_argument("--out", default=out_default, help="output directory (checkpoint.pt, metrics.jsonl)")
         p.add_argument("--epochs", type=float, default=epochs)
@@ -145,8 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
     unlearn.add_argument("--proxy-classes", default="", help="proxy retain classes of the same data")
     unlearn.add_argument("--proxy-data", default=None, help="an ImageFolder directory of proxy retain images")
     data_args(unlearn)
-    unlearn.add_argument("--skip-bad-images", action="store_true",
-                         help="leave unreadable image files out (counted) instead of stopping before training")
+    reading_args(unlearn)
     unlearn.add_argument("--retain-ratio", type=float, default=1.0, help="real retain samples per forget sample")
     unlearn.add_argument("--proxy-ratio", type=float, default=1.0, help="retain samples in all per forget sample")
     unlearn.add_argument("--retain-pick", default="random", choices=["random", "first"],
@@ -166,6 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
     pretrain.add_argument("--model", default="mae_vit_tiny", help="a config name of any family")
     pretrain.add_argument("--data", default="digits")
     data_args(pretrain)
+    reading_args(pretrain)
     pretrain.add_argument("--mask-ratio", type=float, default=None, help="MAE: the share of patches removed (0.75)")
     pretrain.add_argument("--part", default=None, help="what trains, for families that pretrain in parts (MAGE: "
                           "tokenizer, then model; default the last)")
@@ -239,7 +264,9 @@ def run(args: argparse.Namespace) -> int:
             say(finished(run_pretrain(PretrainConfig(model=args.model, data=args.data, mask_ratio=args.mask_ratio,
                                                      part=args.part, init=args.init, task_masks=args.task_masks,
                                                      class_list=args.classes, per_class=args.per_class,
-                                                     device=args.device, augment=args.augment, loop=loop)), args.out))
+                                                     skip_bad_images=args.skip_bad_images,
+                                                     data_memory_mb=args.data_memory_mb,
+                                                     data_workers=args.data_workers, device=args.device, augment=args.augment, loop=loop)), args.out))
             return 0
         split = lambda text: tuple(c for c in text.split(",") if c)  # noqa: E731
         say(finished(run_unlearn(UnlearnConfig(
@@ -247,7 +274,8 @@ def run(args: argparse.Namespace) -> int:
             retain_classes=split(args.retain_classes), proxy_classes=split(args.proxy_classes),
             proxy_data=args.proxy_data, skip_bad_images=args.skip_bad_images, retain_ratio=args.retain_ratio,
             proxy_ratio=args.proxy_ratio, retain_pick=args.retain_pick, class_list=args.classes,
-            per_class=args.per_class, forget_weight=args.forget_weight, normalize=args.normalize, noise=args.noise,
+            per_class=args.per_class, data_memory_mb=args.data_memory_mb, data_workers=args.data_workers,
+            forget_weight=args.forget_weight, normalize=args.normalize, noise=args.noise,
             mask_ratio=args.mask_ratio, method=args.method, device=args.device, augment=args.augment, loop=loop)),
             args.out))
         return 0
@@ -289,10 +317,10 @@ def run(args: argparse.Namespace) -> int:
         return 0
     from .bench import loss as bench_loss, ops as bench_ops, patch as bench_patch, step as bench_step
     from .bench import attention as bench_attention, overhead as bench_overhead, teacher as bench_teacher
-    from .bench import diffusion as bench_diffusion, group_norm as bench_group_norm
+    from .bench import data as bench_data, diffusion as bench_diffusion, group_norm as bench_group_norm
 
     return {"loss": bench_loss, "patch": bench_patch, "attention": bench_attention, "teacher": bench_teacher,
-            "group-norm": bench_group_norm, "diffusion-inputs": bench_diffusion, "step": bench_step, "ops": bench_ops,
+            "group-norm": bench_group_norm, "diffusion-inputs": bench_diffusion, "step": bench_step, "ops": bench_ops, "data": bench_data,
             "overhead": bench_overhead}[args.op].main(args)
 
 

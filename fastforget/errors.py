@@ -25,6 +25,10 @@ class MissingPath(UserError, FileNotFoundError):
     pass
 
 
+class UnreadableData(UserError, OSError):
+    """A data file that was readable when the run started cannot be read any more."""
+
+
 class Diverged(UserError, FloatingPointError):
     """Training went NaN or Inf: a matter of its settings (learning rate) or its data."""
 

@@ -68,3 +68,29 @@ def one_and_two_ranks(args: list, batch: int, out):
     checkpoints = [load_checkpoint(str(out / run / "checkpoint.pt")) for run in ("one", "two")]
     logs = [[json.loads(line) for line in open(out / run / "metrics.jsonl")] for run in ("one", "two")]
     return checkpoints, logs, stdout
+
+
+def image_folder(root, classes=("cat", "dog"), per_class=3, size=12, ext="png"):
+    """An ImageFolder of random RGB images, per_class of each class, as root/<class>/<i>.<ext>."""
+    from PIL import Image
+
+    for name in classes:
+        (root / name).mkdir(parents=True)
+        for i in range(per_class):
+            pixels = (torch.rand(size, size, 3) * 255).to(torch.uint8).numpy()
+            Image.fromarray(pixels).save(root / name / f"{i}.{ext}")
+    return root
+
+
+RGB_MAE = {"in_chans": 3, "pixel_mean": (0.5,) * 3, "pixel_std": (0.5,) * 3}
+
+
+def rgb_mae_checkpoint(tmp_path) -> str:
+    """An RGB mae_vit_tiny checkpoint, as the trainer writes them."""
+    from fastforget.models import create_mae
+    from fastforget.train.loop import save_atomic
+
+    ckpt = str(tmp_path / "original.pt")
+    save_atomic({"model": create_mae("mae_vit_tiny", **RGB_MAE).state_dict(), "optimizer": {}, "step": 0,
+                 "config": {"model": "mae_vit_tiny", "overrides": RGB_MAE}}, ckpt)
+    return ckpt

@@ -1,6 +1,7 @@
 """The benchmarks measure what they claim: the reference re-creation computes the model's function,
 FLOPs are counted right, and the commands write their CSV rows and plots."""
 import csv
+import re
 import time
 
 import pytest
@@ -230,3 +231,21 @@ def test_bench_step_takes_any_family(capsys, model):
     with pytest.raises(SystemExit, match="2"):
         cli.main(["bench", "step", "--model", "palette_tiny", "--mask-ratio", "0.5"])
     assert "mask_ratio (--mask-ratio) does not apply to the palette family" in capsys.readouterr().err
+
+
+def test_bench_data_rates_the_streamed_decoding_against_a_models_step(tmp_path, capsys):
+    from conftest import image_folder
+
+    root = image_folder(tmp_path / "d", ("a", "b"), per_class=4, size=20, ext="jpg")
+    assert cli.main(["bench", "data", "--data", str(root), "--workers", "0,2", "--images", "24", "--batch-size", "4",
+                     "--model", "mae_vit_tiny", "--step-batch", "8", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith(f"decoding 24 files of {root} (mean ") and "to 18² RGB uint8, in batches of 4" in out[0]
+    rates = [line.split() for line in out[2:4]]
+    assert [r[0] for r in rates] == ["0", "2"] and all(float(r[1]) > 0 for r in rates)
+    assert float(rates[1][2]) == pytest.approx(float(rates[1][1]) / 2, rel=0.01)
+    assert re.match(r"the step of mae_vit_tiny at batch 8 on cpu takes [\d.]+ images/s: \d+ workers at [\d.]+ "
+                    r"images/s each keep up with it", out[4])
+    with pytest.raises(SystemExit) as stop:
+        cli.main(["bench", "data", "--data", str(root), "--workers", "two"])
+    assert stop.value.code == 2 and "--workers must be comma-separated ints >= 0" in capsys.readouterr().err

@@ -4,26 +4,18 @@ import torch
 
 Image = pytest.importorskip("PIL.Image", reason="image folders need Pillow (torchvision brings it)")
 
+from conftest import image_folder, rgb_mae_checkpoint
 from fastforget.train import UnlearnConfig, unlearn
 from fastforget.train import data as data_lib
 
 
-def _folder(root, classes=("cat", "dog"), per_class=3, size=12):
-    for c, name in enumerate(classes):
-        (root / name).mkdir(parents=True)
-        for i in range(per_class):
-            pixels = (torch.rand(size, size, 3) * 255).to(torch.uint8).numpy()
-            Image.fromarray(pixels).save(root / name / f"{i}.png")
-    return root
-
-
 def test_reads_an_image_folder_only_where_chosen(tmp_path):
-    index = data_lib.load(str(_folder(tmp_path / "d")), 8)
+    index = data_lib.load(str(image_folder(tmp_path / "d")), 8)
     assert index.images is None and len(index.files) == 6 and index.labels.tolist() == [0, 0, 0, 1, 1, 1]
     (tmp_path / "d" / "cat" / "0.png").write_text("damaged, but never chosen")
     dogs = data_lib.decode(index.subset(torch.tensor([3, 5])))
     assert dogs.images.shape == (2, 3, 8, 8) and dogs.labels.tolist() == [1, 1] and dogs.classes == ["cat", "dog"]
-    data = data_lib.decode(data_lib.load(str(_folder(tmp_path / "e")), 8))
+    data = data_lib.decode(data_lib.load(str(image_folder(tmp_path / "e")), 8))
     assert data.images.shape == (6, 3, 8, 8) and data.skipped == 0
 
 
@@ -32,7 +24,7 @@ def test_folder_images_are_held_as_pixels_and_used_as_torchvisions_floats(tmp_pa
     floats are bit for bit what ToTensor gives."""
     from torchvision import transforms
 
-    index = data_lib.load(str(_folder(tmp_path / "d", per_class=5, size=20)), 8)
+    index = data_lib.load(str(image_folder(tmp_path / "d", per_class=5, size=20)), 8)
     data = data_lib.decode(index)
     assert data.images.dtype == torch.uint8 and data.labels.tolist() == [0] * 5 + [1] * 5
     to_tensor = transforms.Compose([transforms.Resize((8, 8)), transforms.ToTensor()])
@@ -45,7 +37,7 @@ def test_folder_images_are_held_as_pixels_and_used_as_torchvisions_floats(tmp_pa
 
 @pytest.mark.parametrize("damage", ["truncated", "not an image"])
 def test_an_unreadable_file_is_named_or_skipped_when_asked(tmp_path, damage, capsys):
-    root = _folder(tmp_path / "d")
+    root = image_folder(tmp_path / "d")
     bad = root / "dog" / "1.png"
     if damage == "truncated":
         bad.write_bytes(bad.read_bytes()[:40])
@@ -67,7 +59,7 @@ def test_places365_selection_class_list_ranges_caps_and_the_retain_cut(tmp_path)
     root = tmp_path / "train_256"
     names = ("a/airfield", "b/badlands", "b/bakery/shop", "c/cafe")
     for name in names:
-        _folder(root, (name,), per_class=4, size=8)
+        image_folder(root, (name,), per_class=4, size=8)
     (root / "a" / "airfield" / "notes.txt").write_text("not an image")
     class_txt = tmp_path / "class.txt"
     class_txt.write_text("/b/badlands\n/a/airfield 1\n\n/b/bakery/shop\n/c/cafe\n")
@@ -99,14 +91,10 @@ def test_missing_or_empty_directories_name_the_option(tmp_path):
 
 def test_bad_data_stops_unlearning_before_it_starts(tmp_path):
     """Errors come from reading the data, before any model is touched or any file is written."""
-    from fastforget.models import create_mae
-    from fastforget.train.loop import LoopConfig, save_atomic
+    from fastforget.train.loop import LoopConfig
 
-    rgb = {"in_chans": 3, "pixel_mean": (0.5,) * 3, "pixel_std": (0.5,) * 3}
-    ckpt = str(tmp_path / "original.pt")
-    save_atomic({"model": create_mae("mae_vit_tiny", **rgb).state_dict(), "optimizer": {}, "step": 0,
-                 "config": {"model": "mae_vit_tiny", "overrides": rgb}}, ckpt)
-    root = _folder(tmp_path / "d", size=16)
+    ckpt = rgb_mae_checkpoint(tmp_path)
+    root = image_folder(tmp_path / "d", size=16)
     out = tmp_path / "out"
     cases = [
         (dict(forget_classes=("bird",)), ValueError, "unknown forget class 'bird'; known classes: cat, dog"),
@@ -121,27 +109,15 @@ def test_bad_data_stops_unlearning_before_it_starts(tmp_path):
         assert not out.exists()
 
 
-def _rgb_checkpoint(tmp_path) -> str:
-    """An RGB mae_vit_tiny checkpoint, as the trainer writes them."""
-    from fastforget.models import create_mae
-    from fastforget.train.loop import save_atomic
-
-    rgb = {"in_chans": 3, "pixel_mean": (0.5,) * 3, "pixel_std": (0.5,) * 3}
-    ckpt = str(tmp_path / "original.pt")
-    save_atomic({"model": create_mae("mae_vit_tiny", **rgb).state_dict(), "optimizer": {}, "step": 0,
-                 "config": {"model": "mae_vit_tiny", "overrides": rgb}}, ckpt)
-    return ckpt
-
-
 def test_unlearning_on_image_folders_reads_only_the_chosen_files(tmp_path):
     """Forget 'cat' with the real 'dog' retain set and a proxy folder: a damaged file of a class that
     is not chosen is never read; one in the forget set stops the run before it starts, unless
     skipped."""
     from fastforget.train.loop import LoopConfig, load_checkpoint
 
-    ckpt = _rgb_checkpoint(tmp_path)
-    root = _folder(tmp_path / "d", classes=("cat", "dog", "fox"), per_class=8, size=16)
-    proxy = _folder(tmp_path / "p", classes=("owl",), per_class=8, size=16)
+    ckpt = rgb_mae_checkpoint(tmp_path)
+    root = image_folder(tmp_path / "d", classes=("cat", "dog", "fox"), per_class=8, size=16)
+    proxy = image_folder(tmp_path / "p", classes=("owl",), per_class=8, size=16)
     (root / "fox" / "0.png").write_text("damaged, never chosen")
 
     def run(out, **kw):
@@ -163,8 +139,8 @@ def test_unlearning_on_image_folders_reads_only_the_chosen_files(tmp_path):
 def test_eval_scores_models_on_image_folders(tmp_path):
     from fastforget.eval.run import evaluate_checkpoints
 
-    ckpt = _rgb_checkpoint(tmp_path)
-    root = _folder(tmp_path / "d", classes=("cat", "dog"), per_class=10, size=16)
+    ckpt = rgb_mae_checkpoint(tmp_path)
+    root = image_folder(tmp_path / "d", classes=("cat", "dog"), per_class=10, size=16)
     report = evaluate_checkpoints({"original": ckpt, "again": ckpt}, str(root), ("cat",), ("dog",), ("inpaint",),
                                   0.5, "encoder", str(tmp_path / "eval"))
     row = report["inpaint"]["again"]["forget"]
@@ -182,8 +158,8 @@ def test_unlearning_on_an_image_folder_on_the_gpu(tmp_path):
     """uint8 pixels staged on the GPU, cropped and flipped there (the image folders' default)."""
     from fastforget.train.loop import LoopConfig, load_checkpoint
 
-    ckpt = _rgb_checkpoint(tmp_path)
-    root = _folder(tmp_path / "d", classes=("cat", "dog"), per_class=8, size=20)
+    ckpt = rgb_mae_checkpoint(tmp_path)
+    root = image_folder(tmp_path / "d", classes=("cat", "dog"), per_class=8, size=20)
     unlearn(UnlearnConfig(checkpoint=ckpt, data=str(root), forget_classes=("cat",), device="cuda",
                           loop=LoopConfig(out=str(tmp_path / "run"), epochs=1, batch_size=4, progress=False)))
     assert load_checkpoint(str(tmp_path / "run" / "checkpoint.pt"))["step"] == 4

@@ -134,29 +134,31 @@ def unit_float(images: Tensor) -> Tensor:
 DECODE_THREADS = 16  # at most: PIL decodes and resizes outside the GIL
 
 
-def decode(data: ImageSet, skip_bad: bool = False) -> ImageSet:
-    """data with its images read (on up to DECODE_THREADS threads), resized to data.size x data.size
-    RGB, as uint8 pixels (already-read sets as they are). A file that cannot be read is an error
-    listing the bad files, or, with skip_bad, a counted skip (ImageSet.skipped): either way before
-    any training starts."""
-    if data.images is not None:
-        return data
+def read_pixels(file: str, size: int):
+    """One image file as (3, size, size) uint8 RGB pixels (PIL's resize), or, when it cannot be
+    read, a string naming it and why. The held and the streamed data both read files with it, so
+    both give the same pixels bit for bit."""
     from PIL import Image
-    from torchvision import transforms
+    from torchvision.transforms import functional as TF
 
-    to_pixels = transforms.Compose([transforms.Resize((data.size, data.size)), transforms.PILToTensor()])
+    try:
+        with Image.open(file) as img:
+            return TF.pil_to_tensor(TF.resize(img.convert("RGB"), [size, size]))
+    except Exception as err:  # PIL raises OSError, SyntaxError, ValueError... for damaged files
+        return f"{file} ({type(err).__name__}: {err})"
 
+
+def _read_all(data: ImageSet, skip_bad: bool, keep: bool) -> tuple[list, list[int]]:
+    """Every file of data read (on up to DECODE_THREADS threads): (the pixels, or [] unless keep;
+    the readable files' positions). An unreadable file is an error listing the bad files, or,
+    with skip_bad, a counted skip."""
     def read(file: str):
-        try:
-            with Image.open(file) as img:
-                return to_pixels(img.convert("RGB"))
-        except Exception as err:  # PIL raises OSError, SyntaxError, ValueError... for damaged files
-            return f"{file} ({type(err).__name__}: {err})"
+        pixels = read_pixels(file, data.size)
+        return pixels if keep or isinstance(pixels, str) else None
 
     with ThreadPoolExecutor(max(1, min(DECODE_THREADS, os.cpu_count() or 1))) as pool:
         results = list(pool.map(read, data.files))
-    images = [r for r in results if not isinstance(r, str)]
-    keep = [i for i, r in enumerate(results) if not isinstance(r, str)]
+    good = [i for i, r in enumerate(results) if not isinstance(r, str)]
     bad = [r for r in results if isinstance(r, str)]
     if bad and not skip_bad:
         listed = "; ".join(bad[:5]) + (f"; and {len(bad) - 5} more" if len(bad) > 5 else "")
@@ -164,9 +166,37 @@ def decode(data: ImageSet, skip_bad: bool = False) -> ImageSet:
                          f"Fix or remove them, or skip them with --skip-bad-images")
     if bad:
         say(f"skipped {len(bad)} unreadable image files of {len(data.files)} in {data.source}")
-    if not images:
+    if not good:
         raise InvalidValue(f"{data.source} holds no readable images")
-    return ImageSet(torch.stack(images), data.labels[keep], data.classes, source=data.source, skipped=len(bad))
+    return ([results[i] for i in good] if keep else []), good
+
+
+def decode(data: ImageSet, skip_bad: bool = False) -> ImageSet:
+    """data with its images read, resized to data.size x data.size RGB, as uint8 pixels (already-
+    read sets as they are). Unreadable files are named, or skipped (ImageSet.skipped) with
+    skip_bad: either way before any training starts."""
+    if data.images is not None:
+        return data
+    pixels, good = _read_all(data, skip_bad, keep=True)
+    return ImageSet(torch.stack(pixels), data.labels[good], data.classes, source=data.source,
+                    skipped=len(data.files) - len(good))
+
+
+def check(data: ImageSet, skip_bad: bool = False) -> ImageSet:
+    """data (an image folder's, to be streamed) with every file read once and dropped, as decode()
+    reads them: the same files are named or skipped, and nothing is held."""
+    if data.images is not None:
+        return data
+    _, good = _read_all(data, skip_bad, keep=False)
+    return ImageSet(None, data.labels[good], data.classes, [data.files[i] for i in good], data.source, data.size,
+                    skipped=len(data.files) - len(good))
+
+
+def decoded_bytes(data: ImageSet) -> int:
+    """What holding data's images takes: as they are, or as uint8 pixels once decoded."""
+    if data.images is not None:
+        return data.images.numel() * data.images.element_size()
+    return len(data) * data.channels * data.size * data.size
 
 
 def load(spec: str, size: int, split: str = "train", what: str = "data directory", class_list: Optional[str] = None,

@@ -23,7 +23,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from ..distributed import Dist
-from ..errors import Diverged, InvalidValue
+from ..errors import Diverged, InvalidValue, UnreadableData
 from ..families.base import Recipe
 from ..ops import backends
 from ..weights import load_weights, with_digest
@@ -300,7 +300,10 @@ def _run(cfg, d, model, trainable, steps_per_epoch, batches, loss_fn, checkpoint
         for group in optimizer.param_groups:
             group["lr"] = lr
         for micro in range(cfg.accum_steps):
-            batch = batches(step, micro)
+            try:
+                batch = batches(step, micro)
+            except UnreadableData as err:  # a streamed file gone bad: the last checkpoint stays as it was
+                raise UnreadableData(f"{err}; stopped there, and {_kept(ckpt_path, saved)}") from None
             gen = step_generator(d.device, cfg.seed, step, micro)
             sync = micro == cfg.accum_steps - 1 or d.world == 1
             with wrapped.no_sync() if not sync else contextlib.nullcontext():
@@ -362,10 +365,15 @@ def _stop_unless_finite(finite: Tensor, params: list[Tensor], d: Dist, done: int
     if d.world > 1:
         dist.all_reduce(ok, op=dist.ReduceOp.MIN)
     if not bool(ok):
-        kept = f"{ckpt_path} (step {saved})" if os.path.exists(ckpt_path) else "no checkpoint was written"
         raise Diverged(
             f"stopped at step {done}: a loss, gradient norm or parameter became NaN or Inf after step {saved} "
-            f"(check the learning rate and the inputs); no checkpoint since holds it: {kept}")
+            f"(check the learning rate and the inputs); no checkpoint since holds it: {_kept(ckpt_path, saved)}")
+
+
+def _kept(ckpt_path: str, saved: int) -> str:
+    """What a stopped run leaves: its last checkpoint, or none."""
+    return f"the last checkpoint is {ckpt_path} (step {saved})" if os.path.exists(ckpt_path) else \
+        "no checkpoint was written"
 
 
 def load_checkpoint(path: str) -> dict:

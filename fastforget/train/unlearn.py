@@ -22,12 +22,14 @@ from ..distributed import Dist, rank_rows
 from ..families.base import noise_like, training_autocast
 from ..ops import unlearn_loss
 from ..ops.unlearn_loss import NORMALIZE
-from . import data as data_lib
+from . import batches as batches_lib, data as data_lib
 from .augment import AUGMENTS, DRAWS, crop_flip, crop_flip_params, source_size
 from .loop import LoopConfig, is_count, is_real, require, run, setup_distributed
 
 METHODS = ("ours", "max-loss", "noisy-label", "retain-label", "random-encoder")
 WHOLE_MODEL = ("max-loss", "noisy-label", "retain-label")  # the baselines that train the decoder too
+# How the data are read, held or streamed, changes no number: a run may resume with them changed.
+HOW_READ = ("data_memory_mb", "data_workers")
 
 
 @dataclass
@@ -44,6 +46,10 @@ class UnlearnConfig:
     class_list: Optional[str] = None  # image directories: a file naming the class folders (Places365's class.txt)
     per_class: Optional[int] = None  # image directories: each class's first files only (the reference's cap)
     skip_bad_images: bool = False  # leave unreadable image files out (counted) instead of stopping
+    # Image folders: the MB of decoded images to hold in memory (None: half the free memory);
+    # a larger set streams from disk, decoded by data_workers processes (None: batches.default_workers).
+    data_memory_mb: Optional[float] = None
+    data_workers: Optional[int] = None
     forget_weight: float = 0.2
     # None: the family's (MAE's "reference", the reference code's 2/B sums, exact under DDP;
     # Palette's "batch", its F.mse_loss of row-masked features).
@@ -60,6 +66,8 @@ class UnlearnConfig:
         require(self, "method", self.method in METHODS, f"one of {METHODS}")
         require(self, "retain_pick", self.retain_pick in data_lib.RETAIN_PICKS, f"one of {data_lib.RETAIN_PICKS}")
         require(self, "per_class", self.per_class is None or is_count(self.per_class, 1), "None or an int >= 1")
+        batches_lib.check_memory_mb(self.data_memory_mb)
+        batches_lib.check_workers(self.data_workers)
         require(self, "augment", self.augment is None or self.augment in AUGMENTS, f"None or one of {AUGMENTS}")
         require(self, "normalize", self.normalize is None or self.normalize in NORMALIZE, f"None or one of {NORMALIZE}")
         require(self, "forget_weight", is_real(self.forget_weight) and self.forget_weight >= 0, "a finite number >= 0")
@@ -75,38 +83,6 @@ class UnlearnConfig:
                        noise=family.check_option("noise", self.noise),
                        mask_ratio=family.check_option("mask_ratio", self.mask_ratio),
                        loop=self.loop.with_recipe(family.unlearn_recipe))
-
-
-# Data sets up to this size live on the GPU: a step's batch is then an index, with no host copy.
-DEVICE_DATA_BYTES = 2 << 30
-
-
-def _stage(images: Tensor, d: Dist) -> Tensor:
-    """images where batches are cheapest to take from: the GPU when they fit, else pinned memory."""
-    if d.device.type != "cuda":
-        return images
-    return images.to(d.device) if images.numel() * images.element_size() <= DEVICE_DATA_BYTES else images.pin_memory()
-
-
-
-def _rank_batches(images: Tensor, cfg: LoopConfig, d: Dist, steps_per_epoch: int, epoch_order):
-    """batches(step, micro) over a per-epoch order; each rank takes its slice of the global batch.
-
-    epoch_order(epoch) -> (order, is_forget or None) on the CPU; it moves to the data's device
-    once per epoch, so a step's batch is indexing there, with no host-to-device copy."""
-    cache: dict = {}
-
-    def batches(step: int, micro: int):
-        epoch, within = divmod(step, steps_per_epoch)
-        if epoch not in cache:
-            cache.clear()
-            order, is_forget = epoch_order(epoch)
-            cache[epoch] = (order.to(images.device), None if is_forget is None else is_forget.to(d.device))
-        order, is_forget = cache[epoch]
-        start = ((within * cfg.accum_steps + micro) * d.world + d.rank) * cfg.batch_size
-        out = (data_lib.unit_float(images[order[start:start + cfg.batch_size]].to(d.device, non_blocking=True)),)
-        return out + ((is_forget[start:start + cfg.batch_size],) if is_forget is not None else ())
-    return batches
 
 
 def _augmenter(augment: str, size: int, d: Dist) -> Callable[[Tensor, torch.Generator], Tensor]:
@@ -165,16 +141,14 @@ def unlearn(cfg: UnlearnConfig) -> dict:
     sets = data_lib.select(dataset, cfg.forget_classes, cfg.retain_classes, cfg.proxy_classes, proxy_data,
                            cfg.retain_ratio, cfg.proxy_ratio, seed=cfg.loop.seed, retain_pick=cfg.retain_pick)
     # Image folders are read only now, and only the chosen files: a forget set, not the whole folder.
-    sets = data_lib.UnlearnSets(*(data_lib.decode(s, cfg.skip_bad_images) for s in (sets.forget, sets.retain)))
-    images = _stage(torch.cat([sets.forget.images, sets.retain.images]), d)
-
+    feed = batches_lib.feed([sets.forget, sets.retain], cfg.data_memory_mb, cfg.data_workers, cfg.skip_bad_images)
+    sets = data_lib.UnlearnSets(*feed.parts)
     n = 2 * max(len(sets.forget), len(sets.retain))
     steps_per_epoch = max(n // (cfg.loop.batch_size * cfg.loop.accum_steps * d.world), 1)
-    batches = _rank_batches(images, cfg.loop, d, steps_per_epoch,
-                            lambda epoch: data_lib.stream(sets, epoch, cfg.loop.seed))
+    batches = feed.batches(lambda epoch: data_lib.stream(sets, epoch, cfg.loop.seed), steps_per_epoch, cfg.loop, d)
     student = original.to(d.device)
     module, loss_fn = unlearning_step(cfg, student, d)
-    settings = {k: v for k, v in asdict(cfg).items() if k not in ("loop", "device", "checkpoint")}
+    settings = {k: v for k, v in asdict(cfg).items() if k not in ("loop", "device", "checkpoint") + HOW_READ}
     return run(cfg.loop, d, student, module, steps_per_epoch, batches, loss_fn,
                lambda: {"config": student.fastforget_config, "method": cfg.method,
                         "forget_classes": list(cfg.forget_classes), "settings": settings})
@@ -191,6 +165,9 @@ class PretrainConfig:
     task_masks: bool = False
     class_list: Optional[str] = None  # image directories: as UnlearnConfig's
     per_class: Optional[int] = None
+    skip_bad_images: bool = False
+    data_memory_mb: Optional[float] = None  # as UnlearnConfig's
+    data_workers: Optional[int] = None
     device: Optional[str] = None
     augment: Optional[str] = None  # one of AUGMENTS; None: the family's for the data
     overrides: dict = field(default_factory=dict)  # the model's constructor arguments
@@ -203,6 +180,8 @@ class PretrainConfig:
         require(self, "augment", self.augment is None or self.augment in AUGMENTS, f"None or one of {AUGMENTS}")
         require(self, "mask_ratio", self.mask_ratio is None or (is_real(self.mask_ratio) and 0 <= self.mask_ratio < 1),
                 "a number in [0, 1)")
+        batches_lib.check_memory_mb(self.data_memory_mb)
+        batches_lib.check_workers(self.data_workers)
 
     def for_family(self, family: families.Family) -> "PretrainConfig":
         parts = family.pretrain_parts
@@ -223,14 +202,15 @@ def pretrain(cfg: PretrainConfig) -> dict:
     dataset = data_lib.load(cfg.data, source_size(side, cfg.augment), what="--data directory",
                             class_list=cfg.class_list, per_class=cfg.per_class)
     data_lib.check_channels(dataset, channels, cfg.model)
-    dataset = data_lib.decode(dataset)
+    feed = batches_lib.feed([dataset], cfg.data_memory_mb, cfg.data_workers, cfg.skip_bad_images)
+    dataset = feed.parts[0]
     augmented = _augmenter(cfg.augment, side, d)
     steps_per_epoch = max(len(dataset) // (cfg.loop.batch_size * cfg.loop.accum_steps * d.world), 1)
 
     def epoch_order(epoch: int):
         return torch.randperm(len(dataset), generator=torch.Generator().manual_seed(cfg.loop.seed * 7919 + epoch)), None
 
-    images = _rank_batches(_stage(dataset.images, d), cfg.loop, d, steps_per_epoch, epoch_order)
+    images = feed.batches(epoch_order, steps_per_epoch, cfg.loop, d)
     module, family_loss = family.pretrain_step(model, cfg, d)
 
     def batches(step: int, micro: int):
@@ -240,6 +220,6 @@ def pretrain(cfg: PretrainConfig) -> dict:
         imgs, mode = batch
         return family_loss((augmented(imgs, gen), mode), gen, module)
 
-    settings = {k: v for k, v in asdict(cfg).items() if k not in ("loop", "device")}
+    settings = {k: v for k, v in asdict(cfg).items() if k not in ("loop", "device") + HOW_READ}
     return run(cfg.loop, d, model, module, steps_per_epoch, batches, loss_fn,
                lambda: {"config": model.fastforget_config, "settings": settings})
