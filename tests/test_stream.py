@@ -188,17 +188,22 @@ def test_streaming_memory_stays_flat_however_large_the_set(tmp_path):
 
 def test_two_ranks_streaming_train_what_two_ranks_holding_train(tmp_path):
     """torchrun, 2 CPU ranks, each streaming its rows with a worker of its own: the held run's
-    parameters bit for bit (gloo sums the same gradients in the same order)."""
+    parameters bit for bit (gloo sums the same gradients in the same order). Each rank checks half
+    the files; both skip the damaged file the other found."""
     ckpt = rgb_mae_checkpoint(tmp_path)
     root = _jpegs(tmp_path / "d")
+    for damaged in ("dog/3.jpg", "fox/4.jpg"):  # one in each rank's half of the checked files
+        (root / damaged).write_text("damaged")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     for run, memory in (("held", "64"), ("streamed", "0")):
         proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                                "-m", "fastforget.cli", "unlearn", "--checkpoint", ckpt, "--data", str(root),
                                "--forget-classes", "cat", "--retain-classes", "dog,fox", "--device", "cpu",
                                "--epochs", "1", "--batch-size", "2", "--data-memory-mb", memory, "--data-workers", "1",
-                               "--out", str(tmp_path / run)], env=env, capture_output=True, text=True, timeout=300)
+                               "--skip-bad-images", "--out", str(tmp_path / run)], env=env, capture_output=True,
+                              text=True, timeout=300)
         assert proc.returncode == 0, proc.stderr[-2000:]
+        assert proc.stdout.count("skipped 2 unreadable image files of 10") == 1, proc.stdout
     held, streamed = (load_checkpoint(str(tmp_path / r / "checkpoint.pt")) for r in ("held", "streamed"))
     assert streamed["step"] == 5
     assert all(torch.equal(streamed["model"][k], v) for k, v in held["model"].items())

@@ -204,10 +204,10 @@ class Feed:
 
 
 def feed(parts: list, memory_mb: Optional[float] = None, workers: Optional[int] = None,
-         skip_bad: bool = False) -> Feed:
+         skip_bad: bool = False, d: Dist = Dist()) -> Feed:
     """The concatenation of `parts` (ImageSets), held when its decoded images fit the budget, else
     streamed; the choice and its reason are printed. Unreadable files are named, or skipped with
-    skip_bad, before either starts."""
+    skip_bad, before either starts (d's ranks share the streamed sets' reading)."""
     check_memory_mb(memory_mb)
     check_workers(workers)
     if all(p.images is not None for p in parts):  # the digits: read already
@@ -224,5 +224,5 @@ def feed(parts: list, memory_mb: Optional[float] = None, workers: Optional[int] 
     workers = default_workers() if workers is None else workers
     say(f"data: {sized}: streamed from disk by {workers} worker process{'es' * (workers != 1)} "
         f"(--data-workers), {PREFETCH} batches each ahead; every file is read once first, to name bad ones")
-    parts = [data_lib.check(p, skip_bad) for p in parts]
+    parts = [data_lib.check(p, skip_bad, d.rank, d.world) for p in parts]
     return Feed(parts, files=[f for p in parts for f in p.files], size=size, workers=workers)

@@ -148,27 +148,31 @@ def read_pixels(file: str, size: int):
         return f"{file} ({type(err).__name__}: {err})"
 
 
-def _read_all(data: ImageSet, skip_bad: bool, keep: bool) -> tuple[list, list[int]]:
-    """Every file of data read (on up to DECODE_THREADS threads): (the pixels, or [] unless keep;
-    the readable files' positions). An unreadable file is an error listing the bad files, or,
-    with skip_bad, a counted skip."""
+def _read(files: list[str], size: int, keep: bool) -> list:
+    """Each file read with read_pixels on up to DECODE_THREADS threads: its pixels (None unless
+    keep), or the string naming it when it cannot be read."""
     def read(file: str):
-        pixels = read_pixels(file, data.size)
+        pixels = read_pixels(file, size)
         return pixels if keep or isinstance(pixels, str) else None
 
     with ThreadPoolExecutor(max(1, min(DECODE_THREADS, os.cpu_count() or 1))) as pool:
-        results = list(pool.map(read, data.files))
-    good = [i for i, r in enumerate(results) if not isinstance(r, str)]
-    bad = [r for r in results if isinstance(r, str)]
+        return list(pool.map(read, files))
+
+
+def _readable(data: ImageSet, bad: list[tuple[int, str]], skip_bad: bool) -> list[int]:
+    """The positions of data's readable files, given the (position, why) of the bad ones: an
+    error listing them, or, with skip_bad, a counted skip."""
     if bad and not skip_bad:
-        listed = "; ".join(bad[:5]) + (f"; and {len(bad) - 5} more" if len(bad) > 5 else "")
+        listed = "; ".join(why for _, why in bad[:5]) + (f"; and {len(bad) - 5} more" if len(bad) > 5 else "")
         raise InvalidValue(f"{data.source}: {len(bad)} of {len(data.files)} image files cannot be read: {listed}. "
                          f"Fix or remove them, or skip them with --skip-bad-images")
     if bad:
         say(f"skipped {len(bad)} unreadable image files of {len(data.files)} in {data.source}")
+    skipped = {i for i, _ in bad}
+    good = [i for i in range(len(data.files)) if i not in skipped]
     if not good:
         raise InvalidValue(f"{data.source} holds no readable images")
-    return ([results[i] for i in good] if keep else []), good
+    return good
 
 
 def decode(data: ImageSet, skip_bad: bool = False) -> ImageSet:
@@ -177,17 +181,28 @@ def decode(data: ImageSet, skip_bad: bool = False) -> ImageSet:
     skip_bad: either way before any training starts."""
     if data.images is not None:
         return data
-    pixels, good = _read_all(data, skip_bad, keep=True)
-    return ImageSet(torch.stack(pixels), data.labels[good], data.classes, source=data.source,
+    results = _read(data.files, data.size, keep=True)
+    good = _readable(data, [(i, r) for i, r in enumerate(results) if isinstance(r, str)], skip_bad)
+    return ImageSet(torch.stack([results[i] for i in good]), data.labels[good], data.classes, source=data.source,
                     skipped=len(data.files) - len(good))
 
 
-def check(data: ImageSet, skip_bad: bool = False) -> ImageSet:
+def check(data: ImageSet, skip_bad: bool = False, rank: int = 0, world: int = 1) -> ImageSet:
     """data (an image folder's, to be streamed) with every file read once and dropped, as decode()
-    reads them: the same files are named or skipped, and nothing is held."""
+    reads them: the same files are named or skipped, and nothing is held. Under torchrun each of
+    the `world` ranks reads every world-th file and all learn every rank's bad ones."""
     if data.images is not None:
         return data
-    _, good = _read_all(data, skip_bad, keep=False)
+    mine = list(range(rank, len(data.files), world))
+    results = _read([data.files[i] for i in mine], data.size, keep=False)
+    bad = [(mine[j], r) for j, r in enumerate(results) if isinstance(r, str)]
+    if world > 1:
+        import torch.distributed as dist
+
+        gathered = [None] * world
+        dist.all_gather_object(gathered, bad)
+        bad = sorted(b for rank_bad in gathered for b in rank_bad)
+    good = _readable(data, bad, skip_bad)
     return ImageSet(None, data.labels[good], data.classes, [data.files[i] for i in good], data.source, data.size,
                     skipped=len(data.files) - len(good))
 

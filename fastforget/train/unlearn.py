@@ -141,7 +141,7 @@ def unlearn(cfg: UnlearnConfig) -> dict:
     sets = data_lib.select(dataset, cfg.forget_classes, cfg.retain_classes, cfg.proxy_classes, proxy_data,
                            cfg.retain_ratio, cfg.proxy_ratio, seed=cfg.loop.seed, retain_pick=cfg.retain_pick)
     # Image folders are read only now, and only the chosen files: a forget set, not the whole folder.
-    feed = batches_lib.feed([sets.forget, sets.retain], cfg.data_memory_mb, cfg.data_workers, cfg.skip_bad_images)
+    feed = batches_lib.feed([sets.forget, sets.retain], cfg.data_memory_mb, cfg.data_workers, cfg.skip_bad_images, d)
     sets = data_lib.UnlearnSets(*feed.parts)
     n = 2 * max(len(sets.forget), len(sets.retain))
     steps_per_epoch = max(n // (cfg.loop.batch_size * cfg.loop.accum_steps * d.world), 1)
@@ -202,7 +202,7 @@ def pretrain(cfg: PretrainConfig) -> dict:
     dataset = data_lib.load(cfg.data, source_size(side, cfg.augment), what="--data directory",
                             class_list=cfg.class_list, per_class=cfg.per_class)
     data_lib.check_channels(dataset, channels, cfg.model)
-    feed = batches_lib.feed([dataset], cfg.data_memory_mb, cfg.data_workers, cfg.skip_bad_images)
+    feed = batches_lib.feed([dataset], cfg.data_memory_mb, cfg.data_workers, cfg.skip_bad_images, d)
     dataset = feed.parts[0]
     augmented = _augmenter(cfg.augment, side, d)
     steps_per_epoch = max(len(dataset) // (cfg.loop.batch_size * cfg.loop.accum_steps * d.world), 1)
