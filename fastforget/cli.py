@@ -1,4 +1,4 @@
-"""The `fastforget` command: `demo`, `unlearn`, `pretrain`, `eval`, `sweep`, `info` and `bench`."""
+"""The `fastforget` command: `demo`, `unlearn`, `pretrain`, `eval`, `verify`, `sweep`, `info` and `bench`."""
 from __future__ import annotations
 
 import argparse
@@ -215,6 +215,16 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--out", default="eval-out")
     ev.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
     ev.add_argument("--batch-size", type=int, default=256, help="images per model call")
+    ev.add_argument("--mia", action="store_true",
+                    help="also the membership-inference test: the AUC, by each model's error on the removed region, of "
+                         "telling the classes' training images from their test images (0.5 is chance)")
+    ev.add_argument("--members", default=None, metavar="DIR",
+                    help="--mia on an image directory: the training images of its classes (the digits: their train "
+                         "split)")
+    ev.add_argument("--audit", default=None, metavar="AUDIT_JSON",
+                    help="an unlearning run's OUT/audit.json: add these metrics (and the checkpoints' hashes) to it")
+    verify = sub.add_parser("verify", help="recompute every hash of an unlearning run's audit record")
+    verify.add_argument("record", help="OUT/audit.json of a fastforget unlearn run")
     family_names = sorted(families.FAMILIES)
     sweep = sub.add_parser("sweep", help="ours over forget weights on the digits: the retain/forget trade-off curve")
     sweep.add_argument("--family", default="mae", choices=family_names)
@@ -289,7 +299,19 @@ def run(args: argparse.Namespace) -> int:
         evaluate_checkpoints(dict(pairs), args.data, split(args.forget_classes), split(args.retain_classes),
                              None if args.task == "all" else (args.task,), args.ratio, args.features, args.out,
                              args.device, args.batch_size, seeds=tuple(range(args.seeds)),
-                             sample_steps=args.sample_steps, class_list=args.classes, per_class=args.per_class)
+                             sample_steps=args.sample_steps, class_list=args.classes, per_class=args.per_class,
+                             audit_record=args.audit, mia=args.mia, members=args.members)
+        return 0
+    if args.command == "verify":
+        from .audit import verify
+
+        problems, checked = verify(args.record)
+        for line in problems:
+            print(f"fastforget verify: {line}")
+        if problems:
+            print(f"fastforget verify: {len(problems)} of {checked} checks failed for {args.record}")
+            return 1
+        print(f"fastforget verify: {args.record}: all {checked} checks pass (every recorded hash matches)")
         return 0
     if args.command == "sweep":
         from .train.sweep import run as run_sweep

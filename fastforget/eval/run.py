@@ -12,9 +12,9 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .. import families
+from .. import audit, families
 from ..errors import InvalidValue
-from . import metrics
+from . import metrics, mia as mia_lib
 from .features import Extractor, embed_all
 
 SETS = ("retain", "forget")
@@ -106,15 +106,26 @@ def _complete_all(model, images: Tensor, task: str, ratio: float, seed: int, bat
 def evaluate_checkpoints(checkpoints: dict, data: str, forget, retain, tasks, ratio: float, features: str,
                          out: str, device: Optional[str] = None, batch_size: int = 256, seeds=(0,),
                          sample_steps: Optional[int] = None, class_list: Optional[str] = None,
-                         per_class: Optional[int] = None) -> dict:
+                         per_class: Optional[int] = None, audit_record: Optional[str] = None, mia: bool = False,
+                         members: Optional[str] = None) -> dict:
     """`fastforget eval`: models by checkpoint path (the first is the original), sets by class, on
-    device (default: CUDA when present); class_list and per_class as data.load_image_folder's."""
+    device (default: CUDA when present); class_list and per_class as data.load_image_folder's;
+    audit_record: an unlearning run's audit.json, to which the metrics are added. mia: also the
+    membership-inference test (eval/mia.py), the members being the classes' training images: the
+    digits' train split, or the `members` directory's (the image folder the models trained on)."""
     from ..train import data as data_lib
     from ..train.loop import resolve_device
     from .features import extractor
 
     if not checkpoints:
         raise InvalidValue("--models must name at least one NAME=CHECKPOINT")
+    if audit_record is not None:
+        audit.load(audit_record)  # a bad record is named before any work
+    if mia and data != "digits" and members is None:
+        raise InvalidValue("--mia on an image directory needs --members DIR: the training images of its classes "
+                           "(the test images in --data are the non-members)")
+    if members is not None and not mia:
+        raise InvalidValue("--members is the membership-inference test's: give --mia with it")
     device = resolve_device(device)
     models = {name: families.load(path).to(device) for name, path in checkpoints.items()}
     original = next(iter(models.values()))
@@ -128,17 +139,37 @@ def evaluate_checkpoints(checkpoints: dict, data: str, forget, retain, tasks, ra
     dataset = data_lib.load(data, side, split="test", what="--data directory", class_list=class_list,
                             per_class=per_class)
     data_lib.check_channels(dataset, channels, original.config_name)
-    sets = {}
-    for s, names in (("forget", forget), ("retain", retain)):
-        ids = torch.tensor(data_lib.class_indices(dataset, names, s))
-        decoded = data_lib.decode(dataset.subset(torch.isin(dataset.labels, ids).nonzero()[:, 0]))
-        sets[s] = dataclasses.replace(decoded, images=data_lib.unit_float(decoded.images))
-        if len(sets[s]) < 10:
-            raise InvalidValue(f"the {s} classes {list(names)} have {len(sets[s])} test images; 10 at least")
+    member_data = None
+    if mia:
+        member_data = data_lib.load(members or data, side, split="train", what="--members directory",
+                                    class_list=class_list, per_class=per_class)
+        data_lib.check_channels(member_data, channels, original.config_name)
+
+    def chosen(source, s: str, names, what: str):
+        ids = torch.tensor(data_lib.class_indices(source, names, s))
+        decoded = data_lib.decode(source.subset(torch.isin(source.labels, ids).nonzero()[:, 0]))
+        if len(decoded) < 10:
+            raise InvalidValue(f"the {s} classes {list(names)} have {len(decoded)} {what} images; 10 at least")
+        return dataclasses.replace(decoded, images=data_lib.unit_float(decoded.images))
+
+    sets = {s: chosen(dataset, s, names, "test") for s, names in (("forget", forget), ("retain", retain))}
     report = evaluate(models, sets, extractor(features, original, device), tasks, ratio, out, batch_size, seeds,
                       sample_steps)
     note = how_generated(family, seeds, sample_steps)
     print((f"{note}\n" if note else "") + markdown(report))
+    if mia:
+        seen = {s: chosen(member_data, s, names, "training").images for s, names in (("forget", forget),
+                                                                                       ("retain", retain))}
+        report["mia"] = mia_lib.attack(models, seen, {s: sets[s].images for s in sets}, tasks[0], ratio, batch_size,
+                                       sample_steps)
+        print(mia_lib.markdown(report["mia"]))
+        if out:
+            write_outputs(report, out, note)
+    if audit_record is not None:
+        audit.add_evaluation(audit_record, checkpoints, report, {
+            "data": data, "forget_classes": list(forget), "retain_classes": list(retain), "tasks": list(tasks),
+            "ratio": ratio, "features": features, "seeds": list(seeds), "sample_steps": sample_steps})
+        print(f"added the metrics to {audit_record}")
     return report
 
 
@@ -151,7 +182,7 @@ def how_generated(family, seeds, sample_steps: Optional[int]) -> str:
 
 
 def write_outputs(report: dict, out: str, note: str = "") -> None:
-    for task, per_model in report.items():
+    for task, per_model in _tasks(report).items():
         with open(os.path.join(out, f"fid_is_eval_{task}.csv"), "w", newline="") as f:
             w = csv.writer(f)
             for name, r in per_model.items():
@@ -165,12 +196,14 @@ def write_outputs(report: dict, out: str, note: str = "") -> None:
         json.dump(report, f, indent=2)
     with open(os.path.join(out, "results.md"), "w") as f:
         f.write((f"{note}\n\n" if note else "") + markdown(report))
+        if "mia" in report:
+            f.write("\n" + mia_lib.markdown(report["mia"]))
 
 
 def markdown(report: dict) -> str:
     cols = ("mse", "psnr", "fid", "is_mean", "cosine", "accuracy")
     lines = []
-    for task, per_model in report.items():
+    for task, per_model in _tasks(report).items():
         lines += [f"### {task}", "", "| model | " + " | ".join(f"{s} {c}" for s in SETS for c in cols) + " |",
                   "|---|" + "---|" * (2 * len(cols))]
         for name, r in per_model.items():
@@ -178,6 +211,11 @@ def markdown(report: dict) -> str:
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
         lines.append("")
     return "\n".join(lines)
+
+
+def _tasks(report: dict) -> dict:
+    """The report's per-task metrics, without its membership-inference entry."""
+    return {task: per_model for task, per_model in report.items() if task in TASKS}
 
 
 def _grid(models, sets, task, ratio, generated, path, per_set: int = 6) -> None:

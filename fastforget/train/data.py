@@ -32,6 +32,7 @@ class ImageSet:
     source: str = ""  # what the files are, for error messages ("--data directory '/x'")
     size: int = 0  # image folders: the side decode() resizes to
     skipped: int = 0  # unreadable files left out by decode(skip_bad=True)
+    rows: Optional[Tensor] = None  # the embedded digits: each sample's row of digits.csv.gz (an audit names them)
 
     def __len__(self) -> int:
         return self.labels.shape[0]
@@ -43,7 +44,8 @@ class ImageSet:
 
     def subset(self, index: Tensor) -> "ImageSet":
         if self.images is not None:
-            return ImageSet(self.images[index], self.labels[index], self.classes, source=self.source)
+            rows = None if self.rows is None else self.rows[index]
+            return ImageSet(self.images[index], self.labels[index], self.classes, source=self.source, rows=rows)
         files = [self.files[i] for i in index.tolist()]
         return ImageSet(None, self.labels[index], self.classes, files, self.source, self.size)
 
@@ -60,7 +62,8 @@ def load_digits(split: str = "train", size: int = 16, test_fraction: float = 0.2
     order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))
     n_test = int(len(labels) * test_fraction)
     index = order[n_test:] if split == "train" else order[:n_test]
-    return ImageSet(images[index].clamp(0, 1), labels[index], [str(i) for i in range(10)], source="the embedded digits")
+    return ImageSet(images[index].clamp(0, 1), labels[index], [str(i) for i in range(10)], source="the embedded digits",
+                    rows=index.clone())
 
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
@@ -183,8 +186,8 @@ def decode(data: ImageSet, skip_bad: bool = False) -> ImageSet:
         return data
     results = _read(data.files, data.size, keep=True)
     good = _readable(data, [(i, r) for i, r in enumerate(results) if isinstance(r, str)], skip_bad)
-    return ImageSet(torch.stack([results[i] for i in good]), data.labels[good], data.classes, source=data.source,
-                    skipped=len(data.files) - len(good))
+    return ImageSet(torch.stack([results[i] for i in good]), data.labels[good], data.classes,
+                    [data.files[i] for i in good], data.source, data.size, skipped=len(data.files) - len(good))
 
 
 def check(data: ImageSet, skip_bad: bool = False, rank: int = 0, world: int = 1) -> ImageSet:
@@ -307,7 +310,9 @@ def select(data: ImageSet, forget: Sequence[str], retain: Sequence[str] = (), pr
         raise InvalidValue("no retain samples: name retain classes, proxy classes or proxy data")
     labels = torch.cat([p.labels for p in parts])
     if all(p.images is not None for p in parts):
-        retain_set = ImageSet(torch.cat([p.images for p in parts]), labels, data.classes)
+        rows = None if any(p.rows is None for p in parts) else torch.cat([p.rows for p in parts])
+        retain_set = ImageSet(torch.cat([p.images for p in parts]), labels, data.classes, source=parts[0].source,
+                              rows=rows)
     elif all(p.images is None for p in parts):
         retain_set = ImageSet(None, labels, data.classes, [f for p in parts for f in p.files],
                               " and ".join(dict.fromkeys(p.source for p in parts)), data.size)

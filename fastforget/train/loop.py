@@ -200,17 +200,18 @@ def step_generator(device: torch.device, seed: int, step: int, micro: int) -> to
 def run(cfg: LoopConfig, d: Dist, model: nn.Module, trainable: nn.Module, steps_per_epoch: int,
         batches: Callable[[int, int], tuple[Tensor, ...]],
         loss_fn: Callable[[tuple[Tensor, ...], torch.Generator, nn.Module], dict[str, Tensor]],
-        checkpoint_extra: Callable[[], dict]) -> dict:
+        checkpoint_extra: Callable[[], dict], on_start: Optional[Callable[[int], None]] = None) -> dict:
     """Trains `trainable`'s parameters that require grad.
 
     batches(step, micro) -> this rank's micro-batch tensors; loss_fn(batch, generator, trainable as
     wrapped for DDP) -> dict with "loss" (to minimise) and other scalars to log. model's state dict
-    is what checkpoints keep.
+    is what checkpoints keep. on_start(the first step), when given, is called on rank 0 once the
+    run is set to train (a resume accepted).
     Returns the last logged metrics.
     """
     cfg = cfg.with_recipe(Recipe())  # what the caller left unset: the default (MAE's) recipe
     with deterministic_algorithms(cfg.deterministic):
-        return _run(cfg, d, model, trainable, steps_per_epoch, batches, loss_fn, checkpoint_extra)
+        return _run(cfg, d, model, trainable, steps_per_epoch, batches, loss_fn, checkpoint_extra, on_start)
 
 
 @contextlib.contextmanager
@@ -258,7 +259,7 @@ def _check_resumable(state: dict, now: dict, ckpt_path: str) -> None:
                          f"the resumed run would repeat neither; resume with its settings, or start in another --out")
 
 
-def _run(cfg, d, model, trainable, steps_per_epoch, batches, loss_fn, checkpoint_extra) -> dict:
+def _run(cfg, d, model, trainable, steps_per_epoch, batches, loss_fn, checkpoint_extra, on_start) -> dict:
     output_dir(cfg.out)
     ckpt_path = os.path.join(cfg.out, "checkpoint.pt")
     if d.main:  # temporaries of saves that a kill interrupted: never read, safe to drop
@@ -279,6 +280,8 @@ def _run(cfg, d, model, trainable, steps_per_epoch, batches, loss_fn, checkpoint
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         start = int(state["step"])
+    if on_start is not None and d.main:
+        on_start(start)
     wrapped = trainable
     if d.world > 1:
         device_ids = [d.device.index] if d.device.type == "cuda" else None
@@ -315,7 +318,7 @@ def _run(cfg, d, model, trainable, steps_per_epoch, batches, loss_fn, checkpoint
         grad_norm = optimizer_step(optimizer, params, cfg.clip_grad)
         finite &= torch.isfinite(sums["loss"]) & torch.isfinite(grad_norm)
         done = step + 1
-        logging = done % cfg.log_every == 0 or done == total
+        logging = done % cfg.log_every == 0 or done == end  # and a part's last step (--stop-after)
         saving = bool(cfg.save_every and done % cfg.save_every == 0) or done == end  # rank 0 writes
         if logging or saving:  # host reads only here, on every rank alike
             _stop_unless_finite(finite, params if saving else [], d, done, saved, ckpt_path)

@@ -17,7 +17,7 @@ from typing import Callable, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from .. import families
+from .. import audit, families
 from ..distributed import Dist, rank_rows
 from ..families.base import noise_like, training_autocast
 from ..ops import unlearn_loss
@@ -149,9 +149,19 @@ def unlearn(cfg: UnlearnConfig) -> dict:
     student = original.to(d.device)
     module, loss_fn = unlearning_step(cfg, student, d)
     settings = {k: v for k, v in asdict(cfg).items() if k not in ("loop", "device", "checkpoint") + HOW_READ}
-    return run(cfg.loop, d, student, module, steps_per_epoch, batches, loss_fn,
-               lambda: {"config": student.fastforget_config, "method": cfg.method,
-                        "forget_classes": list(cfg.forget_classes), "settings": settings})
+    record = audit.start(cfg.loop.out, cfg.checkpoint, cfg.method, {**settings, "loop": asdict(cfg.loop)}, cfg.data,
+                         sets.forget, sets.retain) if d.main else None
+
+    def begin(first_step: int) -> None:  # rank 0, once the loop accepted the run (and any resume)
+        nonlocal record
+        record = audit.begin(record, cfg.loop.out, first_step)
+
+    metrics = run(cfg.loop, d, student, module, steps_per_epoch, batches, loss_fn,
+                  lambda: {"config": student.fastforget_config, "method": cfg.method,
+                           "forget_classes": list(cfg.forget_classes), "settings": settings}, on_start=begin)
+    if d.main:
+        audit.finish(record, cfg.loop.out, metrics)
+    return metrics
 
 
 @dataclass
