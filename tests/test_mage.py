@@ -518,9 +518,9 @@ def test_two_ranks_compute_what_one_does(original, tmp_path):
 def test_eval_generates_for_both_tasks(original, tmp_path):
     from fastforget.eval.features import extractor
     from fastforget.eval.run import evaluate
-    from fastforget.train.demo import test_sets
+    from fastforget.train.demo import demo_sets
 
-    sets = {k: v.subset(torch.arange(20)) for k, v in test_sets().items()}
+    sets = {k: v.subset(torch.arange(20)) for k, v in demo_sets().items()}
     report = evaluate({"original": families.load(original)}, sets, extractor("digits"), None, 0.5, str(tmp_path),
                       sample_steps=4)
     assert set(report) == {"inpaint", "outpaint"} and report["outpaint"]["original"]["retain"]["fid"] > 0

@@ -445,9 +445,9 @@ def test_completion_keeps_the_known_pixels(original):
 def test_eval_says_when_the_sampler_is_not_the_references(original, tmp_path):
     from fastforget.eval.features import extractor
     from fastforget.eval.run import evaluate
-    from fastforget.train.demo import test_sets
+    from fastforget.train.demo import demo_sets
 
-    report = evaluate({"original": families.load(original)}, test_sets(), extractor("digits"), None, 0.5,
+    report = evaluate({"original": families.load(original)}, demo_sets(), extractor("digits"), None, 0.5,
                       str(tmp_path), sample_steps=2)
     assert set(report) == {"inpaint"} and report["inpaint"]["original"]["forget"]["fid"] > 0
     assert (tmp_path / "results.md").read_text().startswith("sampler: a strided schedule of 2 steps, for speed; "

@@ -100,10 +100,11 @@ def unlearn_digits(cfg: DemoConfig, original: str, out: str, **run) -> None:
                                           **loop)))
 
 
-def test_sets() -> dict:
-    """The test images of the forget and retain digits."""
-    test = data_lib.load_digits("test", 16)
-    return {s: test.subset(torch.isin(test.labels, torch.tensor([int(c) for c in classes])).nonzero()[:, 0])
+def demo_sets(split: str = "test") -> dict:
+    """The forget and retain digits of a split: the test images (the metrics'), or the training
+    images (the membership-inference test's members)."""
+    data = data_lib.load_digits(split, 16)
+    return {s: data.subset(torch.isin(data.labels, torch.tensor([int(c) for c in classes])).nonzero()[:, 0])
             for s, classes in (("forget", FORGET), ("retain", RETAIN))}
 
 
@@ -115,6 +116,7 @@ def run(cfg: DemoConfig) -> dict:
         output_dir(cfg.out)
         return {name: run(replace(cfg, family=name, out=os.path.join(cfg.out, name))) for name in families.FAMILIES}
     from ..eval.features import extractor
+    from ..eval import mia
     from ..eval.run import evaluate, markdown
 
     t0 = time.perf_counter()
@@ -128,7 +130,7 @@ def run(cfg: DemoConfig) -> dict:
         say(f"unlearning digits {', '.join(FORGET)} ({name}, {cfg.settings(family)[1]:g} epochs)")
         unlearn_digits(cfg, original, os.path.join(cfg.out, name), **classes)
 
-    sets = test_sets()
+    sets = demo_sets()
     models = {"original": families.load(original)}
     models.update({name: families.load(os.path.join(cfg.out, name, "checkpoint.pt")) for name in runs})
     report = {"family": family.name, "model": family.demo.model, "forget_classes": list(FORGET),
@@ -142,6 +144,10 @@ def run(cfg: DemoConfig) -> dict:
                                sample_steps=cfg.sample_steps)
     say(markdown(report["tasks"]))
     say(fid_ratios(report["tasks"], len(seeds)))
+    report["mia"] = mia.attack(models, {s: d.images for s, d in demo_sets("train").items()},
+                               {s: d.images for s, d in sets.items()}, family.tasks[0], 0.5,
+                               sample_steps=cfg.sample_steps)
+    say(mia.markdown(report["mia"]))
     report["seconds"] = round(time.perf_counter() - t0, 1)
     with open(os.path.join(cfg.out, "report.json"), "w") as f:
         json.dump(report, f, indent=2)

@@ -14,7 +14,7 @@ from .. import families
 from ..console import say
 from ..eval.features import extractor
 from ..eval.run import evaluate
-from .demo import RETAIN, DemoConfig, ensure_original, test_sets, unlearn_digits
+from .demo import RETAIN, DemoConfig, ensure_original, demo_sets, unlearn_digits
 
 
 def run(out: str, forget_weights, cfg: DemoConfig = None, task: str = "inpaint") -> dict:
@@ -31,7 +31,7 @@ def run(out: str, forget_weights, cfg: DemoConfig = None, task: str = "inpaint")
             say(f"unlearning with forget weight {alpha:g}")
             unlearn_digits(cfg, original, path, retain_classes=RETAIN, forget_weight=alpha)
         models[name] = families.load(os.path.join(path, "checkpoint.pt"))
-    report = evaluate(models, test_sets(), extractor("digits"), (task,), 0.5, seeds=seeds,
+    report = evaluate(models, demo_sets(), extractor("digits"), (task,), 0.5, seeds=seeds,
                       sample_steps=cfg.sample_steps)[task]
     base = report["original"]
     points = [{"model": name, "forget_fid_ratio": r["forget"]["fid"] / base["forget"]["fid"],
