@@ -231,6 +231,11 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--forget-weights", default="0.05,0.1,0.2,0.5,1.0")
     sweep.add_argument("--task", default="inpaint", choices=["inpaint", "outpaint"])
     sweep.add_argument("--out", default=None, help="shares the demo's pretrained model (default demo-out/FAMILY)")
+    robust = sub.add_parser("robustness", help="ours and ours_proxy on random digit splits: the claims' distribution")
+    robust.add_argument("--family", default="mae", choices=family_names)
+    robust.add_argument("--splits", type=count, default=8, help="random (forget, retain, proxy) splits: 2, 4, 4 digits")
+    robust.add_argument("--seed", type=int, default=0, help="draws the splits")
+    robust.add_argument("--out", default=None, help="shares the demo's pretrained model (default demo-out/FAMILY)")
     demo = sub.add_parser("demo", help="pretrain, unlearn digits 0 and 1 two ways, evaluate (make demo)")
     demo.add_argument("--family", default="all", choices=family_names + ["all"],
                       help="all: each family in turn, under OUT/<family>")
@@ -326,6 +331,11 @@ def run(args: argparse.Namespace) -> int:
 
         out = args.out or f"demo-out/{args.family}"
         run_sweep(out, weights, DemoConfig(out=out, family=args.family), task=args.task)
+        return 0
+    if args.command == "robustness":
+        from .train.robustness import run as run_robustness
+
+        run_robustness(args.out or f"demo-out/{args.family}", args.family, args.splits, args.seed)
         return 0
     if args.command == "demo":
         from .train.demo import DemoConfig, run as run_demo

@@ -75,3 +75,53 @@ def save_grid(path: str, rows: Sequence[tuple[str, Tensor]], groups: Sequence[tu
         for k, cell in enumerate(cells[r]):
             canvas.paste(cell, (column_x(k), y))
     canvas.save(path)
+
+
+COLOURS = ((220, 60, 40), (40, 90, 220), (30, 150, 70), (150, 60, 180))
+
+
+def scatter(series: dict, x_label: str, y_label: str, path: str, connect: bool = False,
+            lines: Sequence[tuple[str, float]] = (), size=(560, 400), margin=56) -> None:
+    """A labelled scatter plot with PIL: series = {name: [(x, y, label), ...]}, one colour each
+    (connected in order with connect); lines: ("x" or "y", value) dashed reference lines (goals)."""
+    from PIL import Image, ImageDraw
+
+    img = Image.new("RGB", size, "white")
+    g = ImageDraw.Draw(img)
+    xs = [p[0] for pts in series.values() for p in pts] + [v for axis, v in lines if axis == "x"]
+    ys = [p[1] for pts in series.values() for p in pts] + [v for axis, v in lines if axis == "y"]
+    x_lo, x_hi = min(xs) * 0.95, max(xs) * 1.05 + 1e-9
+    y_pad = 0.05 * (max(ys) - min(ys) or 1)
+    y_lo, y_hi = min(ys) - y_pad, max(ys) + y_pad
+    w, h = size[0] - 2 * margin, size[1] - 2 * margin
+
+    def at(x, y):
+        return margin + (x - x_lo) / (x_hi - x_lo) * w, size[1] - margin - (y - y_lo) / (y_hi - y_lo + 1e-9) * h
+
+    g.rectangle([margin, margin, margin + w, margin + h], outline=(150, 150, 150))
+    for k in range(5):
+        x = x_lo + (x_hi - x_lo) * k / 4
+        y = y_lo + (y_hi - y_lo) * k / 4
+        g.text((at(x, y_lo)[0] - 10, size[1] - margin + 6), f"{x:.2f}", fill=(0, 0, 0))
+        g.text((8, at(x_lo, y)[1] - 6), f"{y:.2f}", fill=(0, 0, 0))
+    g.text((margin + w // 2 - 3 * len(x_label), size[1] - 22), x_label, fill=(0, 0, 0))
+    g.text((margin, 18), y_label, fill=(0, 0, 0))
+    for axis, value in lines:
+        a, b = (at(value, y_lo), at(value, y_hi)) if axis == "x" else (at(x_lo, value), at(x_hi, value))
+        steps = 40
+        for k in range(0, steps, 2):
+            g.line([a[0] + (b[0] - a[0]) * k / steps, a[1] + (b[1] - a[1]) * k / steps,
+                    a[0] + (b[0] - a[0]) * (k + 1) / steps, a[1] + (b[1] - a[1]) * (k + 1) / steps],
+                   fill=(160, 160, 160))
+    for i, (name, points) in enumerate(series.items()):
+        colour = COLOURS[i % len(COLOURS)]
+        if connect and len(points) > 1:
+            g.line([at(x, y) for x, y, _ in points], fill=colour, width=2)
+        for x, y, label in points:
+            px, py = at(x, y)
+            g.ellipse([px - 4, py - 4, px + 4, py + 4], fill=colour)
+            g.text((px + 6, py - 14), label, fill=colour)
+        lx, ly = size[0] - 130, 6 + 14 * i  # above the plot, right of the y label
+        g.ellipse([lx, ly + 2, lx + 7, ly + 9], fill=colour)
+        g.text((lx + 12, ly), name, fill=colour)
+    img.save(path)

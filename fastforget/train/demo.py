@@ -90,22 +90,22 @@ def _pretrain_part(cfg: DemoConfig, part: str, epochs: float, options: dict, bat
     return path
 
 
-def unlearn_digits(cfg: DemoConfig, original: str, out: str, **run) -> None:
-    """One unlearning run of the demo's forget digits with the family's demo settings."""
+def unlearn_digits(cfg: DemoConfig, original: str, out: str, forget=FORGET, **run) -> None:
+    """One unlearning run of the forget digits (the demo's by default) with the family's demo settings."""
     family = families.get(cfg.family)
     _, epochs, batch = cfg.settings(family)
     loop, options = _split(family.demo.unlearn)
-    unlearn(UnlearnConfig(checkpoint=original, forget_classes=FORGET, device="cpu", **{**options, **run},
+    unlearn(UnlearnConfig(checkpoint=original, forget_classes=forget, device="cpu", **{**options, **run},
                           loop=LoopConfig(out=out, epochs=epochs, batch_size=batch, seed=cfg.seed, log_every=50,
                                           **loop)))
 
 
-def demo_sets(split: str = "test") -> dict:
+def demo_sets(split: str = "test", forget=FORGET, retain=RETAIN) -> dict:
     """The forget and retain digits of a split: the test images (the metrics'), or the training
     images (the membership-inference test's members)."""
     data = data_lib.load_digits(split, 16)
     return {s: data.subset(torch.isin(data.labels, torch.tensor([int(c) for c in classes])).nonzero()[:, 0])
-            for s, classes in (("forget", FORGET), ("retain", RETAIN))}
+            for s, classes in (("forget", forget), ("retain", retain))}
 
 
 def run(cfg: DemoConfig) -> dict:

@@ -1,4 +1,4 @@
-"""The audit record every unlearning run writes, and `fastforget verify`."""
+"""Evidence of forgetting: the audit record and `fastforget verify`, the membership-inference test, and the claims on random splits."""
 import json
 import subprocess
 import sys
@@ -175,3 +175,32 @@ def test_eval_mia_tells_memorised_training_images_from_unseen_ones(tmp_path, cap
                            str(test), "--forget-classes", "a", "--retain-classes", "b", "--mia"],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "--mia on an image directory needs --members DIR" in proc.stderr
+
+
+def test_robustness_draws_distinct_splits_from_its_seed_and_reports_their_distribution(tmp_path):
+    from fastforget.train import robustness
+    from fastforget.train.demo import DemoConfig
+
+    splits = robustness.draw_splits(8, seed=5)
+    assert splits == robustness.draw_splits(8, seed=5) != robustness.draw_splits(8, seed=6)
+    assert len({(tuple(s["forget"]), tuple(s["retain"])) for s in splits}) == 8
+    for s in splits:
+        assert len(s["forget"]) == 2 and len(s["retain"]) == 4 and len(s["proxy"]) == 4
+        assert sorted(s["forget"] + s["retain"] + s["proxy"]) == [str(d) for d in range(10)]
+    with pytest.raises(ValueError, match=r"splits \(--splits\) must be an int in \[1, 100\]"):
+        robustness.draw_splits(0, 0)
+    cfg = DemoConfig(out=str(tmp_path), family="mae", pretrain_epochs=2, unlearn_epochs=1, eval_seeds=(0,))
+    result = robustness.run(str(tmp_path), "mae", splits=2, seed=5, cfg=cfg)
+    rows, summary = result["splits"], result["summary"]
+    assert [r["split"] for r in rows] == splits[:2]
+    for method in ("ours", "ours_proxy"):
+        values = [r[method]["retain_fid"] for r in rows]
+        assert summary[method]["retain_fid"]["worst"] == max(values)
+        assert summary[method]["forget_fid"]["worst"] == min(r[method]["forget_fid"] for r in rows)
+        assert rows[0][method]["forget_fid"] == pytest.approx(
+            rows[0]["report"][method]["forget"]["fid"] / rows[0]["report"]["original"]["forget"]["fid"])
+    assert [g["quantity"] for g in summary["ours"]["goals"]] == ["forget_fid", "retain_fid"]
+    text = open(tmp_path / "robustness.md").read()
+    assert "2 random splits (seed 5)" in text and "goals: ours forget fid >= 2:" in text
+    assert (tmp_path / "robustness.png").stat().st_size > 1000
+    assert json.load(open(tmp_path / "robustness.json"))["seed"] == 5
