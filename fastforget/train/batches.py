@@ -62,17 +62,19 @@ def _batch(pixels: Tensor, is_forget: Optional[Tensor], d: Dist) -> tuple[Tensor
     return (images,) if is_forget is None else (images, is_forget)
 
 
+def stage(images: Tensor, d: Dist) -> Tensor:
+    """Held images where batches are cheapest to take from: the GPU when they fit in
+    DEVICE_DATA_BYTES, else pinned memory (on the CPU as they are)."""
+    if d.device.type != "cuda":
+        return images
+    return images.to(d.device) if images.numel() * images.element_size() <= DEVICE_DATA_BYTES else images.pin_memory()
+
+
 class HeldBatches:
-    """batches(step, micro) from images held in memory: on the GPU when they fit in
-    DEVICE_DATA_BYTES, else in pinned memory (on the CPU as they are)."""
+    """batches(step, micro) from staged images, indexed where they are (rows' index_device)."""
 
     def __init__(self, images: Tensor, rows: RankRows, d: Dist):
-        if d.device.type == "cuda":
-            fits = images.numel() * images.element_size() <= DEVICE_DATA_BYTES
-            images = images.to(d.device) if fits else images.pin_memory()
-        self.images, self.d = images, d
-        self.rows = rows
-        rows.index_device = images.device
+        self.images, self.rows, self.d = images, rows, d
 
     def __call__(self, step: int, micro: int) -> tuple[Tensor, ...]:
         index, is_forget = self.rows.at(step, micro)
@@ -127,10 +129,11 @@ class StreamedBatches:
     def __call__(self, step: int, micro: int) -> tuple[Tensor, ...]:
         if self._expected != (step, micro):
             self._loader = None  # its workers stop before new ones start
+            on_cpu = self.d.device.type == "cpu"
             self._loader = iter(torch.utils.data.DataLoader(
-                _Files(self.files, self.size, as_float=self.d.device.type == "cpu"), sampler=_Keys(self._sampler_rows, step, micro), batch_size=None,
-                num_workers=self.workers, prefetch_factor=PREFETCH if self.workers else None,
-                pin_memory=self.d.device.type == "cuda"))
+                _Files(self.files, self.size, as_float=on_cpu), sampler=_Keys(self._sampler_rows, step, micro),
+                batch_size=None, num_workers=self.workers, prefetch_factor=PREFETCH if self.workers else None,
+                pin_memory=not on_cpu))
         got_step, got_micro, pixels = next(self._loader)
         assert (got_step, got_micro) == (step, micro), f"streamed batch {(got_step, got_micro)} for {(step, micro)}"
         if isinstance(pixels, str):
@@ -197,9 +200,11 @@ class Feed:
 
     def batches(self, epoch_order: EpochOrder, steps_per_epoch: int, loop, d: Dist) -> Callable:
         """batches(step, micro) -> this rank's micro-batch (images, and is_forget when epoch_order gives it)."""
-        rows = RankRows(epoch_order, steps_per_epoch, loop.batch_size, loop.accum_steps, d)
         if self.images is not None:
-            return HeldBatches(self.images, rows, d)
+            images = stage(self.images, d)
+            rows = RankRows(epoch_order, steps_per_epoch, loop.batch_size, loop.accum_steps, d, images.device)
+            return HeldBatches(images, rows, d)
+        rows = RankRows(epoch_order, steps_per_epoch, loop.batch_size, loop.accum_steps, d)
         return StreamedBatches(self.files, self.size, rows, d, self.workers)
 
 
