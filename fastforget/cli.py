@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 
 from torch.distributed.elastic.multiprocessing.errors import get_error_handler, record
@@ -236,6 +237,12 @@ def build_parser() -> argparse.ArgumentParser:
     robust.add_argument("--splits", type=count, default=8, help="random (forget, retain, proxy) splits: 2, 4, 4 digits")
     robust.add_argument("--seed", type=int, default=0, help="draws the splits")
     robust.add_argument("--out", default=None, help="shares the demo's pretrained model (default demo-out/FAMILY)")
+    robust.add_argument("--images", default="test", choices=["test", "train"],
+                        help="scored on: the test images, or training images (to choose settings on)")
+    robust.add_argument("--forget-weight", type=float, default=None, help="alpha, instead of the demo's")
+    robust.add_argument("--unlearn-epochs", type=float, default=None, help="instead of the demo's")
+    robust.add_argument("--lr", type=float, default=None, help="the absolute unlearning lr, instead of the demo's")
+    robust.add_argument("--weight-decay", type=float, default=None, help="instead of the demo's")
     demo = sub.add_parser("demo", help="pretrain, unlearn digits 0 and 1 two ways, evaluate (make demo)")
     demo.add_argument("--family", default="all", choices=family_names + ["all"],
                       help="all: each family in turn, under OUT/<family>")
@@ -333,9 +340,18 @@ def run(args: argparse.Namespace) -> int:
         run_sweep(out, weights, DemoConfig(out=out, family=args.family), task=args.task)
         return 0
     if args.command == "robustness":
+        from .train.demo import DemoConfig
         from .train.robustness import run as run_robustness
 
-        run_robustness(args.out or f"demo-out/{args.family}", args.family, args.splits, args.seed)
+        for flag, value, low in (("--forget-weight", args.forget_weight, 0), ("--unlearn-epochs", args.unlearn_epochs, None),
+                                 ("--lr", args.lr, None), ("--weight-decay", args.weight_decay, 0)):
+            if value is not None and not (math.isfinite(value) and (value >= low if low is not None else value > 0)):
+                raise InvalidValue(f"{flag} must be a finite number {'>= 0' if low is not None else '> 0'}, got {value!r}")
+        out = args.out or f"demo-out/{args.family}"
+        unlearn = {k: v for k, v in (("forget_weight", args.forget_weight), ("lr", args.lr),
+                                     ("weight_decay", args.weight_decay)) if v is not None}
+        run_robustness(out, args.family, args.splits, args.seed, DemoConfig(
+            out=out, family=args.family, unlearn_epochs=args.unlearn_epochs, unlearn=unlearn), images=args.images)
         return 0
     if args.command == "demo":
         from .train.demo import DemoConfig, run as run_demo

@@ -204,3 +204,39 @@ def test_robustness_draws_distinct_splits_from_its_seed_and_reports_their_distri
     assert "2 random splits (seed 5)" in text and "goals: ours forget fid >= 2:" in text
     assert (tmp_path / "robustness.png").stat().st_size > 1000
     assert json.load(open(tmp_path / "robustness.json"))["seed"] == 5
+
+
+def test_robustness_tries_other_settings_on_training_images_in_their_own_folders(tmp_path):
+    from fastforget.train import robustness
+    from fastforget.train.demo import DemoConfig, demo_sets
+
+    base = DemoConfig(out=str(tmp_path), family="mae", pretrain_epochs=2, unlearn_epochs=1, eval_seeds=(0,))
+    robustness.run(str(tmp_path), "mae", splits=1, seed=5, cfg=base)
+    tried = DemoConfig(out=str(tmp_path), family="mae", pretrain_epochs=2, unlearn_epochs=2, eval_seeds=(0,),
+                       unlearn={"forget_weight": 0.5, "lr": 1e-3})
+    result = robustness.run(str(tmp_path), "mae", splits=1, seed=5, cfg=tried, images="train")
+    assert result["setting"] == "epochs2-forget_weight0.5-lr0.001"  # the demo's blr gives way to the lr
+    runs = sorted(p.name for p in (tmp_path / "split5-0").iterdir())
+    assert runs == ["epochs1-blr0.02", "epochs2-forget_weight0.5-lr0.001"]
+    saved = torch.load(tmp_path / "split5-0" / result["setting"] / "ours" / "checkpoint.pt", weights_only=True)
+    assert saved["settings"]["forget_weight"] == 0.5 and saved["loop"]["lr"] == 1e-3 and saved["loop"]["epochs"] == 2
+    split = result["splits"][0]["split"]
+    train = demo_sets("train", split["forget"], split["retain"], robustness.TRAIN_PER_CLASS)
+    test = demo_sets("test", split["forget"], split["retain"])
+    assert len(train["forget"]) == 2 * robustness.TRAIN_PER_CLASS != len(test["forget"])
+    everything = demo_sets("train", split["forget"], split["retain"])["forget"]
+    for c in split["forget"]:  # each class's first 60 training images, in order
+        assert torch.equal(train["forget"].images[train["forget"].labels == int(c)],
+                           everything.images[everything.labels == int(c)][:robustness.TRAIN_PER_CLASS])
+    name = f"robustness-train-{result['setting']}"
+    assert "training images (60 a class)" in open(tmp_path / f"{name}.md").read()
+    assert json.load(open(tmp_path / f"{name}.json"))["images"] == "train"
+    assert json.load(open(tmp_path / "robustness.json"))["setting"] == "epochs1-blr0.02"  # the default's, kept
+
+
+def test_robustness_refuses_bad_settings_in_one_line(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "fastforget.cli", "robustness", "--family", "mae", "--out",
+                           str(tmp_path), "--forget-weight", "-1"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0
+    assert "--forget-weight must be a finite number >= 0, got -1.0" in proc.stderr
+    assert not (tmp_path / "original").exists()  # refused before anything was pretrained

@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
@@ -45,11 +45,21 @@ class DemoConfig:
     batch_size: Optional[int] = None
     eval_seeds: Optional[tuple] = None
     sample_steps: Optional[int] = None  # diffusion models: a strided sampler (None: the model's whole schedule)
+    # Unlearning settings over the family's DemoSettings.unlearn (LoopConfig fields such as lr, and
+    # UnlearnConfig options such as forget_weight): what `fastforget robustness` tries.
+    unlearn: dict = field(default_factory=dict)
 
     def settings(self, family: families.Family):
         s = family.demo
         return (self.pretrain_epochs or s.pretrain_epochs, self.unlearn_epochs or s.unlearn_epochs,
                 self.batch_size or s.batch_size)
+
+    def unlearn_options(self, family: families.Family) -> dict:
+        """The family's demo unlearning options with this config's over them (an lr replaces a blr)."""
+        base = dict(family.demo.unlearn)
+        if "lr" in self.unlearn or "blr" in self.unlearn:
+            base.pop("lr", None), base.pop("blr", None)
+        return {**base, **self.unlearn}
 
 
 def _split(options: dict) -> tuple[dict, dict]:
@@ -94,18 +104,23 @@ def unlearn_digits(cfg: DemoConfig, original: str, out: str, forget=FORGET, **ru
     """One unlearning run of the forget digits (the demo's by default) with the family's demo settings."""
     family = families.get(cfg.family)
     _, epochs, batch = cfg.settings(family)
-    loop, options = _split(family.demo.unlearn)
+    loop, options = _split(cfg.unlearn_options(family))
     unlearn(UnlearnConfig(checkpoint=original, forget_classes=forget, device="cpu", **{**options, **run},
                           loop=LoopConfig(out=out, epochs=epochs, batch_size=batch, seed=cfg.seed, log_every=50,
                                           **loop)))
 
 
-def demo_sets(split: str = "test", forget=FORGET, retain=RETAIN) -> dict:
+def demo_sets(split: str = "test", forget=FORGET, retain=RETAIN, per_class: Optional[int] = None) -> dict:
     """The forget and retain digits of a split: the test images (the metrics'), or the training
-    images (the membership-inference test's members)."""
+    images (the membership-inference test's members; the images settings are chosen on), each
+    class's first per_class only when given."""
     data = data_lib.load_digits(split, 16)
-    return {s: data.subset(torch.isin(data.labels, torch.tensor([int(c) for c in classes])).nonzero()[:, 0])
-            for s, classes in (("forget", forget), ("retain", retain))}
+
+    def rows(classes) -> torch.Tensor:
+        picked = [(data.labels == int(c)).nonzero()[:, 0][:per_class] for c in classes]
+        return torch.cat(picked).sort().values
+
+    return {s: data.subset(rows(classes)) for s, classes in (("forget", forget), ("retain", retain))}
 
 
 def run(cfg: DemoConfig) -> dict:

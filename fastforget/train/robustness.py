@@ -8,6 +8,11 @@ split and the distribution over splits (median and worst) of the forget and reta
 ratios to the original's and the accuracy changes, against the goals: ours forget FID >= 2x and
 retain FID <= 1.5x; ours_proxy retain FID <= 2x. Writes robustness.json, robustness.md and
 robustness.png.
+
+Choosing settings: --forget-weight, --unlearn-epochs and --lr replace the demo's, and
+--images train scores each class's first TRAIN_PER_CLASS training images instead of the test
+images, so that settings are chosen on training images (and then judged on the test images of
+splits drawn from another seed). Each setting's runs have their own folders, reused when present.
 """
 from __future__ import annotations
 
@@ -29,6 +34,8 @@ from .loop import output_dir
 METHODS = {"ours": "retain_classes", "ours_proxy": "proxy_classes"}
 GOALS = {"ours": (("forget_fid", ">=", 2.0), ("retain_fid", "<=", 1.5)), "ours_proxy": (("retain_fid", "<=", 2.0),)}
 TASK = "inpaint"
+IMAGES = ("test", "train")
+TRAIN_PER_CLASS = 60  # training images scored per class with --images train (the test split has about 36)
 
 
 def draw_splits(count: int, seed: int) -> list[dict]:
@@ -79,8 +86,11 @@ def summarise(rows: list[dict]) -> dict:
     return out
 
 
-def markdown(rows: list[dict], summary: dict, family: str, seed: int) -> str:
-    lines = [f"### {family}: {len(rows)} random splits (seed {seed}), inpainting, ratios to the original's", "",
+def markdown(rows: list[dict], summary: dict, family: str, seed: int, setting: str = "the demo's settings",
+             images: str = "test") -> str:
+    scored = "test images" if images == "test" else f"training images ({TRAIN_PER_CLASS} a class)"
+    lines = [f"### {family}: {len(rows)} random splits (seed {seed}), {setting}, inpainting on the {scored}, "
+             "ratios to the original's", "",
              "| split (forget / retain / proxy) | method | forget FID | retain FID | forget MSE | retain MSE | "
              "forget acc | retain acc |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -102,34 +112,49 @@ def markdown(rows: list[dict], summary: dict, family: str, seed: int) -> str:
     return "\n".join(lines)
 
 
-def run(out: str, family: str = "mae", splits: int = 8, seed: int = 0, cfg: DemoConfig = None) -> dict:
+def setting_name(cfg: DemoConfig, family: families.Family) -> str:
+    """The unlearning settings the runs use, as a folder name: epochs, then the options, sorted."""
+    options = {"epochs": cfg.settings(family)[1], **cfg.unlearn_options(family)}
+    return "-".join(f"{k}{v:g}" if isinstance(v, (int, float)) else f"{k}{v}" for k, v in
+                    [("epochs", options.pop("epochs"))] + sorted(options.items()))
+
+
+def run(out: str, family: str = "mae", splits: int = 8, seed: int = 0, cfg: DemoConfig = None,
+        images: str = "test") -> dict:
     cfg = cfg or DemoConfig(out=out, family=family)
+    if images not in IMAGES:
+        raise InvalidValue(f"images (--images) must be one of {IMAGES}, got {images!r}")
     output_dir(out)
     fam = families.get(cfg.family)
     original = ensure_original(cfg)
     seeds = cfg.eval_seeds or fam.demo.eval_seeds
+    setting = setting_name(cfg, fam)
+    say(f"unlearning settings: {setting}; scored on the {images} images")
     rows = []
     for k, split in enumerate(draw_splits(splits, seed)):
         say(f"split {k + 1} of {splits}: forget {split['forget']}, retain {split['retain']}, proxy {split['proxy']}")
         models = {"original": families.load(original)}
         for method, option in METHODS.items():
-            path = os.path.join(out, f"split{seed}-{k}", method)
+            path = os.path.join(out, f"split{seed}-{k}", setting, method)
             if not os.path.exists(os.path.join(path, "checkpoint.pt")):
                 unlearn_digits(cfg, original, path, forget=split["forget"],
                                **{option: split["retain" if method == "ours" else "proxy"]})
             models[method] = families.load(os.path.join(path, "checkpoint.pt"))
-        report = evaluate(models, demo_sets("test", split["forget"], split["retain"]), extractor("digits"), (TASK,),
-                          0.5, seeds=seeds, sample_steps=cfg.sample_steps)[TASK]
+        sets = demo_sets(images, split["forget"], split["retain"], TRAIN_PER_CLASS if images == "train" else None)
+        report = evaluate(models, sets, extractor("digits"), (TASK,), 0.5, seeds=seeds,
+                          sample_steps=cfg.sample_steps)[TASK]
         rows.append({"split": split, **{m: ratios(report, m) for m in METHODS}, "report": report})
     summary = summarise(rows)
-    text = markdown(rows, summary, cfg.family, seed)
+    text = markdown(rows, summary, cfg.family, seed, setting, images)
     say(text)
-    with open(os.path.join(out, "robustness.json"), "w") as f:
-        json.dump({"family": cfg.family, "seed": seed, "splits": rows, "summary": summary}, f, indent=2)
-    with open(os.path.join(out, "robustness.md"), "w") as f:
+    name = f"robustness-{images}-{setting}" if (images, cfg.unlearn) != ("test", {}) else "robustness"
+    with open(os.path.join(out, f"{name}.json"), "w") as f:
+        json.dump({"family": cfg.family, "seed": seed, "setting": setting, "images": images, "splits": rows,
+                   "summary": summary}, f, indent=2)
+    with open(os.path.join(out, f"{name}.md"), "w") as f:
         f.write(text)
     scatter({m: [(r[m]["forget_fid"], r[m]["retain_fid"], str(k + 1)) for k, r in enumerate(rows)] for m in METHODS},
             "forget FID / original's (higher: more forgotten)", "retain FID / original's (lower: better kept)",
-            os.path.join(out, "robustness.png"), lines=(("x", 2.0), ("y", 1.5), ("y", 2.0)))
-    say(f"wrote {out}/robustness.json, robustness.md and robustness.png")
-    return {"splits": rows, "summary": summary}
+            os.path.join(out, f"{name}.png"), lines=(("x", 2.0), ("y", 1.5), ("y", 2.0)))
+    say(f"wrote {out}/{name}.json, {name}.md and {name}.png")
+    return {"splits": rows, "summary": summary, "setting": setting}
