@@ -181,6 +181,9 @@ def build_parser() -> argparse.ArgumentParser:
                          choices=["ours", "max-loss", "noisy-label", "retain-label", "random-encoder"],
                          help="the method (ours) or one of the reference's baselines")
     unlearn.add_argument("--forget-weight", type=float, default=0.2, help="alpha, the forget loss's weight")
+    unlearn.add_argument("--anchor", type=float, default=0.0,
+                         help="pull toward the original weights: after each step p -= lr * ANCHOR * (p - p_original) "
+                              "(0: off)")
     unlearn.add_argument("--normalize", default=None, choices=["reference", "set", "batch"],
                          help="loss normalisation (default: the family's reference's: MAE reference, Palette batch)")
     unlearn.add_argument("--noise", default=None, choices=["normal", "uniform", "constant"],
@@ -243,6 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
     robust.add_argument("--unlearn-epochs", type=float, default=None, help="instead of the demo's")
     robust.add_argument("--lr", type=float, default=None, help="the absolute unlearning lr, instead of the demo's")
     robust.add_argument("--weight-decay", type=float, default=None, help="instead of the demo's")
+    robust.add_argument("--anchor", type=float, default=None, help="unlearn's --anchor, instead of the demo's")
     demo = sub.add_parser("demo", help="pretrain, unlearn digits 0 and 1 two ways, evaluate (make demo)")
     demo.add_argument("--family", default="all", choices=family_names + ["all"],
                       help="all: each family in turn, under OUT/<family>")
@@ -297,7 +301,7 @@ def run(args: argparse.Namespace) -> int:
             proxy_data=args.proxy_data, skip_bad_images=args.skip_bad_images, retain_ratio=args.retain_ratio,
             proxy_ratio=args.proxy_ratio, retain_pick=args.retain_pick, class_list=args.classes,
             per_class=args.per_class, data_memory_mb=args.data_memory_mb, data_workers=args.data_workers,
-            forget_weight=args.forget_weight, normalize=args.normalize, noise=args.noise,
+            forget_weight=args.forget_weight, anchor=args.anchor, normalize=args.normalize, noise=args.noise,
             mask_ratio=args.mask_ratio, method=args.method, device=args.device, augment=args.augment, loop=loop)),
             args.out))
         return 0
@@ -344,12 +348,13 @@ def run(args: argparse.Namespace) -> int:
         from .train.robustness import run as run_robustness
 
         for flag, value, low in (("--forget-weight", args.forget_weight, 0), ("--unlearn-epochs", args.unlearn_epochs, None),
-                                 ("--lr", args.lr, None), ("--weight-decay", args.weight_decay, 0)):
+                                 ("--lr", args.lr, None), ("--weight-decay", args.weight_decay, 0),
+                                 ("--anchor", args.anchor, 0)):
             if value is not None and not (math.isfinite(value) and (value >= low if low is not None else value > 0)):
                 raise InvalidValue(f"{flag} must be a finite number {'>= 0' if low is not None else '> 0'}, got {value!r}")
         out = args.out or f"demo-out/{args.family}"
         unlearn = {k: v for k, v in (("forget_weight", args.forget_weight), ("lr", args.lr),
-                                     ("weight_decay", args.weight_decay)) if v is not None}
+                                     ("weight_decay", args.weight_decay), ("anchor", args.anchor)) if v is not None}
         run_robustness(out, args.family, args.splits, args.seed, DemoConfig(
             out=out, family=args.family, unlearn_epochs=args.unlearn_epochs, unlearn=unlearn), images=args.images)
         return 0

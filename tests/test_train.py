@@ -75,6 +75,37 @@ def test_resume_repeats_the_uninterrupted_run_bitwise(original, tmp_path, augmen
         assert torch.equal(value, parts["model"][name]), name
 
 
+def _encoder_change(original, path) -> float:
+    """The trained parameters' relative change from the original (Frobenius, all together)."""
+    before, after = load_mae(original).state_dict(), load_mae(path).state_dict()
+    names = [n for n in before if n.startswith("blocks.")]
+    return float(sum((after[n] - before[n]).pow(2).sum() for n in names) / sum(before[n].pow(2).sum() for n in names))
+
+
+def test_anchor_pulls_the_trained_weights_back_to_the_original(original, tmp_path):
+    """--anchor: p -= lr * anchor * (p - p_original) after each step. At full strength (lr * anchor
+    clamps to 1) nothing moves; a moderate one moves the encoder less than none does, and the
+    setting is part of the run's trajectory (its settings, and a resume repeats it bitwise)."""
+    def run(out, anchor, **loop):
+        unlearn(UnlearnConfig(checkpoint=original, forget_classes=("0", "1"), retain_classes=("2", "3"), device="cpu",
+                              anchor=anchor, loop=LoopConfig(out=str(out), epochs=0.5, batch_size=32, lr=1e-3,
+                                                             log_every=2, progress=False, **loop)))
+        return str(out / "checkpoint.pt")
+
+    held = run(tmp_path / "held", 1e9)
+    assert _encoder_change(original, held) == 0.0
+    free, pulled = _encoder_change(original, run(tmp_path / "free", 0.0)), _encoder_change(
+        original, run(tmp_path / "pulled", 100.0))  # a tenth of the way back a step
+    assert 0 < pulled < 0.5 * free
+    assert load_checkpoint(str(tmp_path / "pulled" / "checkpoint.pt"))["settings"]["anchor"] == 100.0
+    run(tmp_path / "parts", 100.0, stop_after=3)
+    parts = load_checkpoint(run(tmp_path / "parts", 100.0, resume=True))["model"]
+    whole = load_checkpoint(str(tmp_path / "pulled" / "checkpoint.pt"))["model"]
+    assert all(torch.equal(whole[n], parts[n]) for n in whole)
+    with pytest.raises(ValueError, match=r"anchor \(--anchor\) must be a finite number >= 0 \(0: off\), got -1"):
+        UnlearnConfig(checkpoint=original, anchor=-1)
+
+
 def test_resume_refuses_a_run_with_other_settings(original, tmp_path):
     """Logging and saving may change on resume; what fixes the trajectory may not."""
     _unlearn(original, tmp_path, stop_after=2)

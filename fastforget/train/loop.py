@@ -200,18 +200,21 @@ def step_generator(device: torch.device, seed: int, step: int, micro: int) -> to
 def run(cfg: LoopConfig, d: Dist, model: nn.Module, trainable: nn.Module, steps_per_epoch: int,
         batches: Callable[[int, int], tuple[Tensor, ...]],
         loss_fn: Callable[[tuple[Tensor, ...], torch.Generator, nn.Module], dict[str, Tensor]],
-        checkpoint_extra: Callable[[], dict], on_start: Optional[Callable[[int], None]] = None) -> dict:
+        checkpoint_extra: Callable[[], dict], on_start: Optional[Callable[[int], None]] = None,
+        after_step: Optional[Callable[[float], None]] = None) -> dict:
     """Trains `trainable`'s parameters that require grad.
 
     batches(step, micro) -> this rank's micro-batch tensors; loss_fn(batch, generator, trainable as
     wrapped for DDP) -> dict with "loss" (to minimise) and other scalars to log. model's state dict
     is what checkpoints keep. on_start(the first step), when given, is called on rank 0 once the
-    run is set to train (a resume accepted).
+    run is set to train (a resume accepted). after_step(lr), when given, runs after every
+    optimizer step, on the device (unlearning's pull toward the original weights).
     Returns the last logged metrics.
     """
     cfg = cfg.with_recipe(Recipe())  # what the caller left unset: the default (MAE's) recipe
     with deterministic_algorithms(cfg.deterministic):
-        return _run(cfg, d, model, trainable, steps_per_epoch, batches, loss_fn, checkpoint_extra, on_start)
+        return _run(cfg, d, model, trainable, steps_per_epoch, batches, loss_fn, checkpoint_extra, on_start,
+                    after_step)
 
 
 @contextlib.contextmanager
@@ -259,7 +262,7 @@ def _check_resumable(state: dict, now: dict, ckpt_path: str) -> None:
                          f"the resumed run would repeat neither; resume with its settings, or start in another --out")
 
 
-def _run(cfg, d, model, trainable, steps_per_epoch, batches, loss_fn, checkpoint_extra, on_start) -> dict:
+def _run(cfg, d, model, trainable, steps_per_epoch, batches, loss_fn, checkpoint_extra, on_start, after_step) -> dict:
     output_dir(cfg.out)
     ckpt_path = os.path.join(cfg.out, "checkpoint.pt")
     if d.main:  # temporaries of saves that a kill interrupted: never read, safe to drop
@@ -316,6 +319,8 @@ def _run(cfg, d, model, trainable, steps_per_epoch, batches, loss_fn, checkpoint
                 sums[k] = sums.get(k, 0) + v.detach().float()
             counted += 1
         grad_norm = optimizer_step(optimizer, params, cfg.clip_grad)
+        if after_step is not None:
+            after_step(lr)
         finite &= torch.isfinite(sums["loss"]) & torch.isfinite(grad_norm)
         done = step + 1
         logging = done % cfg.log_every == 0 or done == end  # and a part's last step (--stop-after)

@@ -51,6 +51,11 @@ class UnlearnConfig:
     data_memory_mb: Optional[float] = None
     data_workers: Optional[int] = None
     forget_weight: float = 0.2
+    # A pull toward the original weights (0: none): after every step each trained parameter moves
+    # lr * anchor of the way back, p -= lr * anchor * (p - p_original), as AdamW's decoupled weight
+    # decay pulls toward zero. What no batch holds in place (what only uncovered retain images use,
+    # with a proxy set) returns to the original instead of drifting.
+    anchor: float = 0.0
     # None: the family's (MAE's "reference", the reference code's 2/B sums, exact under DDP;
     # Palette's "batch", its F.mse_loss of row-masked features).
     normalize: Optional[str] = None
@@ -71,6 +76,7 @@ class UnlearnConfig:
         require(self, "augment", self.augment is None or self.augment in AUGMENTS, f"None or one of {AUGMENTS}")
         require(self, "normalize", self.normalize is None or self.normalize in NORMALIZE, f"None or one of {NORMALIZE}")
         require(self, "forget_weight", is_real(self.forget_weight) and self.forget_weight >= 0, "a finite number >= 0")
+        require(self, "anchor", is_real(self.anchor) and self.anchor >= 0, "a finite number >= 0 (0: off)")
         for name in ("retain_ratio", "proxy_ratio"):
             require(self, name, is_real(getattr(self, name)) and getattr(self, name) >= 0, "a finite number >= 0")
         require(self, "mask_ratio", self.mask_ratio is None or (is_real(self.mask_ratio) and 0 <= self.mask_ratio < 1),
@@ -122,6 +128,21 @@ def unlearning_step(cfg: UnlearnConfig, student: nn.Module, d: Dist) -> tuple[nn
     return module, loss_fn
 
 
+def anchored(module: nn.Module, anchor: float) -> Optional[Callable[[float], None]]:
+    """after_step for cfg.anchor: the trained parameters pulled lr * anchor of the way back to
+    their values now (the original's), all in one multi-tensor op on the device; None when 0."""
+    if not anchor:
+        return None
+    params = [p for p in module.parameters() if p.requires_grad]
+    originals = [p.detach().clone() for p in params]
+
+    @torch.no_grad()
+    def pull(lr: float) -> None:
+        torch._foreach_lerp_(params, originals, min(lr * anchor, 1.0))
+
+    return pull
+
+
 def unlearn(cfg: UnlearnConfig) -> dict:
     """Makes the checkpoint's model forget cfg.forget_classes; writes cfg.loop.out/checkpoint.pt."""
     d = setup_distributed(cfg.device)
@@ -158,7 +179,8 @@ def unlearn(cfg: UnlearnConfig) -> dict:
 
     metrics = run(cfg.loop, d, student, module, steps_per_epoch, batches, loss_fn,
                   lambda: {"config": student.fastforget_config, "method": cfg.method,
-                           "forget_classes": list(cfg.forget_classes), "settings": settings}, on_start=begin)
+                           "forget_classes": list(cfg.forget_classes), "settings": settings}, on_start=begin,
+                  after_step=anchored(module, cfg.anchor))
     if d.main:
         audit.finish(record, cfg.loop.out, metrics)
     return metrics
