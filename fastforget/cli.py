@@ -347,14 +347,15 @@ def run(args: argparse.Namespace) -> int:
         from .train.demo import DemoConfig
         from .train.robustness import run as run_robustness
 
-        for flag, value, low in (("--forget-weight", args.forget_weight, 0), ("--unlearn-epochs", args.unlearn_epochs, None),
-                                 ("--lr", args.lr, None), ("--weight-decay", args.weight_decay, 0),
-                                 ("--anchor", args.anchor, 0)):
-            if value is not None and not (math.isfinite(value) and (value >= low if low is not None else value > 0)):
-                raise InvalidValue(f"{flag} must be a finite number {'>= 0' if low is not None else '> 0'}, got {value!r}")
+        # each setting: (its name, its value, whether 0 is allowed)
+        settings = (("forget_weight", args.forget_weight, True), ("unlearn_epochs", args.unlearn_epochs, False),
+                    ("lr", args.lr, False), ("weight_decay", args.weight_decay, True), ("anchor", args.anchor, True))
+        for name, value, zero in settings:
+            if value is not None and not (math.isfinite(value) and (value >= 0 if zero else value > 0)):
+                raise InvalidValue(f"--{name.replace('_', '-')} must be a finite number {'>= 0' if zero else '> 0'}, "
+                                   f"got {value!r}")
         out = args.out or f"demo-out/{args.family}"
-        unlearn = {k: v for k, v in (("forget_weight", args.forget_weight), ("lr", args.lr),
-                                     ("weight_decay", args.weight_decay), ("anchor", args.anchor)) if v is not None}
+        unlearn = {name: value for name, value, _ in settings if value is not None and name != "unlearn_epochs"}
         run_robustness(out, args.family, args.splits, args.seed, DemoConfig(
             out=out, family=args.family, unlearn_epochs=args.unlearn_epochs, unlearn=unlearn), images=args.images)
         return 0
