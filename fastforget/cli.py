@@ -348,16 +348,17 @@ def run(args: argparse.Namespace) -> int:
         from .train.robustness import run as run_robustness
 
         # each setting: (its name, its value, whether 0 is allowed)
-        settings = (("forget_weight", args.forget_weight, True), ("unlearn_epochs", args.unlearn_epochs, False),
+        settings = (("forget_weight", args.forget_weight, True), ("epochs", args.unlearn_epochs, False),
                     ("lr", args.lr, False), ("weight_decay", args.weight_decay, True), ("anchor", args.anchor, True))
         for name, value, zero in settings:
             if value is not None and not (math.isfinite(value) and (value >= 0 if zero else value > 0)):
-                raise InvalidValue(f"--{name.replace('_', '-')} must be a finite number {'>= 0' if zero else '> 0'}, "
+                flag = "unlearn-epochs" if name == "epochs" else name.replace("_", "-")
+                raise InvalidValue(f"--{flag} must be a finite number {'>= 0' if zero else '> 0'}, "
                                    f"got {value!r}")
         out = args.out or f"demo-out/{args.family}"
-        unlearn = {name: value for name, value, _ in settings if value is not None and name != "unlearn_epochs"}
-        run_robustness(out, args.family, args.splits, args.seed, DemoConfig(
-            out=out, family=args.family, unlearn_epochs=args.unlearn_epochs, unlearn=unlearn), images=args.images)
+        unlearn = {name: value for name, value, _ in settings if value is not None}
+        cfg = DemoConfig(out=out, family=args.family, unlearn=unlearn)
+        run_robustness(out, args.family, args.splits, args.seed, cfg, images=args.images)
         return 0
     if args.command == "demo":
         from .train.demo import DemoConfig, run as run_demo

@@ -232,6 +232,11 @@ def test_robustness_tries_other_settings_on_training_images_in_their_own_folders
     assert "training images (60 a class)" in open(tmp_path / f"{name}.md").read()
     assert json.load(open(tmp_path / f"{name}.json"))["images"] == "train"
     assert json.load(open(tmp_path / "robustness.json"))["setting"] == "epochs1-blr0.02"  # the default's, kept
+    longer = DemoConfig(out=str(tmp_path), family="mae", pretrain_epochs=2, unlearn_epochs=1, eval_seeds=(0,),
+                        unlearn={"epochs": 2})  # --unlearn-epochs 2
+    robustness.run(str(tmp_path), "mae", splits=1, seed=5, cfg=longer)  # only the epochs tried: named too
+    assert json.load(open(tmp_path / "robustness-test-epochs2-blr0.02.json"))["setting"] == "epochs2-blr0.02"
+    assert json.load(open(tmp_path / "robustness.json"))["setting"] == "epochs1-blr0.02"
 
 
 def test_robustness_refuses_bad_settings_in_one_line(tmp_path):

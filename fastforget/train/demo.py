@@ -45,7 +45,7 @@ class DemoConfig:
     batch_size: Optional[int] = None
     eval_seeds: Optional[tuple] = None
     sample_steps: Optional[int] = None  # diffusion models: a strided sampler (None: the model's whole schedule)
-    # Unlearning settings over the family's DemoSettings.unlearn (LoopConfig fields such as lr, and
+    # Unlearning settings over the family's DemoSettings (epochs, LoopConfig fields such as lr, and
     # UnlearnConfig options such as forget_weight): what `fastforget robustness` tries.
     unlearn: dict = field(default_factory=dict)
 
@@ -54,12 +54,14 @@ class DemoConfig:
         return (self.pretrain_epochs or s.pretrain_epochs, self.unlearn_epochs or s.unlearn_epochs,
                 self.batch_size or s.batch_size)
 
-    def unlearn_options(self, family: families.Family) -> dict:
-        """The family's demo unlearning options with this config's over them (an lr replaces a blr)."""
+    def unlearning(self, family: families.Family) -> tuple[float, dict]:
+        """(epochs, options): the family's demo unlearning with this config's settings over it (an lr
+        replaces a blr)."""
         base = dict(family.demo.unlearn)
         if "lr" in self.unlearn or "blr" in self.unlearn:
             base.pop("lr", None), base.pop("blr", None)
-        return {**base, **self.unlearn}
+        options = {**base, **self.unlearn}
+        return options.pop("epochs", self.settings(family)[1]), options
 
 
 def _split(options: dict) -> tuple[dict, dict]:
@@ -103,8 +105,9 @@ def _pretrain_part(cfg: DemoConfig, part: str, epochs: float, options: dict, bat
 def unlearn_digits(cfg: DemoConfig, original: str, out: str, forget=FORGET, **run) -> None:
     """One unlearning run of the forget digits (the demo's by default) with the family's demo settings."""
     family = families.get(cfg.family)
-    _, epochs, batch = cfg.settings(family)
-    loop, options = _split(cfg.unlearn_options(family))
+    batch = cfg.settings(family)[2]
+    epochs, options = cfg.unlearning(family)
+    loop, options = _split(options)
     unlearn(UnlearnConfig(checkpoint=original, forget_classes=forget, device="cpu", **{**options, **run},
                           loop=LoopConfig(out=out, epochs=epochs, batch_size=batch, seed=cfg.seed, log_every=50,
                                           **loop)))

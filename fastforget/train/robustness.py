@@ -12,7 +12,8 @@ robustness.png.
 Choosing settings: --forget-weight, --unlearn-epochs, --lr, --weight-decay and --anchor replace the
 demo's, and --images train scores each class's first TRAIN_PER_CLASS training images instead of
 the test images, so that settings are chosen on training images (and then judged on the test
-images of splits drawn from another seed). Each setting's runs have their own folders, reused when present.
+images of splits drawn from another seed). Each setting's runs have their own folders, reused
+when present, and a run that tries any writes robustness-{images}-{setting}.* instead.
 """
 from __future__ import annotations
 
@@ -114,9 +115,9 @@ def markdown(rows: list[dict], summary: dict, family: str, seed: int, setting: s
 
 def setting_name(cfg: DemoConfig, family: families.Family) -> str:
     """The unlearning settings the runs use, as a folder name: epochs, then the options, sorted."""
-    options = {"epochs": cfg.settings(family)[1], **cfg.unlearn_options(family)}
+    epochs, options = cfg.unlearning(family)
     return "-".join(f"{k}{v:g}" if isinstance(v, (int, float)) else f"{k}{v}" for k, v in
-                    [("epochs", options.pop("epochs"))] + sorted(options.items()))
+                    [("epochs", epochs)] + sorted(options.items()))
 
 
 def run(out: str, family: str = "mae", splits: int = 8, seed: int = 0, cfg: DemoConfig = None,

@@ -53,8 +53,8 @@ class UnlearnConfig:
     forget_weight: float = 0.2
     # A pull toward the original weights (0: none): after every step each trained parameter moves
     # lr * anchor of the way back, p -= lr * anchor * (p - p_original), as AdamW's decoupled weight
-    # decay pulls toward zero. What no batch holds in place (what only uncovered retain images use,
-    # with a proxy set) returns to the original instead of drifting.
+    # decay pulls toward zero. It bounds how far the encoder moves, and so trades forgetting for
+    # retain quality (benchmarks/results/2026-12-02-mae-evidence.md).
     anchor: float = 0.0
     # None: the family's (MAE's "reference", the reference code's 2/B sums, exact under DDP;
     # Palette's "batch", its F.mse_loss of row-masked features).
