@@ -184,6 +184,9 @@ def build_parser() -> argparse.ArgumentParser:
     unlearn.add_argument("--anchor", type=float, default=0.0,
                          help="pull toward the original weights: after each step p -= lr * ANCHOR * (p - p_original) "
                               "(0: off)")
+    unlearn.add_argument("--forget-target", type=float, default=None,
+                         help="the epsilon-constrained form: the forget term is on only while the forget loss is above "
+                              "FORGET_TARGET times the original's (a number in (0, 1]; default: always on)")
     unlearn.add_argument("--normalize", default=None, choices=["reference", "set", "batch"],
                          help="loss normalisation (default: the family's reference's: MAE reference, Palette batch)")
     unlearn.add_argument("--noise", default=None, choices=["normal", "uniform", "constant"],
@@ -247,6 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
     robust.add_argument("--lr", type=float, default=None, help="the absolute unlearning lr, instead of the demo's")
     robust.add_argument("--weight-decay", type=float, default=None, help="instead of the demo's")
     robust.add_argument("--anchor", type=float, default=None, help="unlearn's --anchor, instead of the demo's")
+    robust.add_argument("--forget-target", type=float, default=None, help="unlearn's --forget-target (default: none)")
     demo = sub.add_parser("demo", help="pretrain, unlearn digits 0 and 1 two ways, evaluate (make demo)")
     demo.add_argument("--family", default="all", choices=family_names + ["all"],
                       help="all: each family in turn, under OUT/<family>")
@@ -301,7 +305,8 @@ def run(args: argparse.Namespace) -> int:
             proxy_data=args.proxy_data, skip_bad_images=args.skip_bad_images, retain_ratio=args.retain_ratio,
             proxy_ratio=args.proxy_ratio, retain_pick=args.retain_pick, class_list=args.classes,
             per_class=args.per_class, data_memory_mb=args.data_memory_mb, data_workers=args.data_workers,
-            forget_weight=args.forget_weight, anchor=args.anchor, normalize=args.normalize, noise=args.noise,
+            forget_weight=args.forget_weight, anchor=args.anchor, forget_target=args.forget_target,
+            normalize=args.normalize, noise=args.noise,
             mask_ratio=args.mask_ratio, method=args.method, device=args.device, augment=args.augment, loop=loop)),
             args.out))
         return 0
@@ -349,7 +354,8 @@ def run(args: argparse.Namespace) -> int:
 
         # each setting: (its name, its value, whether 0 is allowed)
         settings = (("forget_weight", args.forget_weight, True), ("epochs", args.unlearn_epochs, False),
-                    ("lr", args.lr, False), ("weight_decay", args.weight_decay, True), ("anchor", args.anchor, True))
+                    ("lr", args.lr, False), ("weight_decay", args.weight_decay, True), ("anchor", args.anchor, True),
+                    ("forget_target", args.forget_target, False))
         for name, value, zero in settings:
             if value is not None and not (math.isfinite(value) and (value >= 0 if zero else value > 0)):
                 flag = "unlearn-epochs" if name == "epochs" else name.replace("_", "-")

@@ -106,6 +106,64 @@ def test_anchor_pulls_the_trained_weights_back_to_the_original(original, tmp_pat
         UnlearnConfig(checkpoint=original, anchor=-1)
 
 
+def test_forget_target_switches_the_forget_term_on_the_device():
+    """The exact penalty: the first batch sets the limit (fraction * its forget loss); afterwards
+    the forget term counts, with weight alpha, only while the forget loss is above it."""
+    from fastforget.ops import unlearn_loss
+    from fastforget.distributed import Dist
+    from fastforget.train.unlearn import ForgetTarget
+
+    target = ForgetTarget(0.5, 0.2, Dist())
+    student = torch.randn(4, 3, requires_grad=True)
+    teacher, is_forget = torch.zeros(4, 3), torch.tensor([True, False, True, False])
+
+    def step(scale):
+        out = unlearn_loss(student * scale, teacher, teacher, is_forget, forget_weight=0.2)
+        return out, target.constrained(out, {"loss": out.loss})
+
+    first, logged = step(1.0)
+    assert float(target.limit) == pytest.approx(0.5 * float(first.forget_loss.detach()))
+    assert float(logged["forget_on"]) == 1.0 and float(logged["loss"].detach()) == pytest.approx(float(first.loss.detach()))
+    below, logged = step(0.5)  # a quarter of the first forget loss: under the limit, the term is off
+    assert float(logged["forget_on"]) == 0.0 and float(logged["loss"]) == pytest.approx(float(below.retain_loss))
+    student.grad = None
+    logged["loss"].backward()
+    assert torch.equal(student.grad[is_forget], torch.zeros(2, 3)) and student.grad[~is_forget].abs().sum() > 0
+
+
+def test_forget_target_is_the_method_until_reached_and_resumes_exactly(original, tmp_path):
+    """--forget-target: the limit is the original's forget loss on step 0's batch (the first logged
+    one, where the student is still the original) times the target, and each step's forget term is
+    on exactly when its forget loss is above it; a target never reached leaves the run as without
+    one; and since the limit is measured on the original before training, a resume repeats the run."""
+    def run(out, forget_target, **loop):
+        unlearn(UnlearnConfig(checkpoint=original, forget_classes=("0", "1"), retain_classes=("2", "3"), device="cpu",
+                              forget_target=forget_target, loop=LoopConfig(
+                                  out=str(out), epochs=0.5, batch_size=32, lr=1e-3, log_every=1, progress=False,
+                                  **loop)))
+        return [json.loads(line) for line in open(out / "metrics.jsonl")], str(out / "checkpoint.pt")
+
+    free, free_ckpt = run(tmp_path / "free", None)
+    never, never_ckpt = run(tmp_path / "never", 1e-6)
+    assert all(line["forget_on"] == 1.0 for line in never)
+    assert all(torch.allclose(a, b, rtol=0, atol=1e-6) for a, b in zip(
+        load_checkpoint(free_ckpt)["model"].values(), load_checkpoint(never_ckpt)["model"].values()))
+    held, held_ckpt = run(tmp_path / "held", 1.0)
+    limit = held[0]["forget_loss"]
+    assert limit == free[0]["forget_loss"] and held[0]["forget_on"] == 0.0 and held[0]["grad_norm"] == 0.0
+    assert [line["forget_on"] for line in held] == [float(line["forget_loss"] > limit) for line in held]
+    assert 0 < sum(line["forget_on"] for line in held) < len(held)
+    assert load_checkpoint(held_ckpt)["settings"]["forget_target"] == 1.0
+    run(tmp_path / "parts", 1.0, stop_after=2)
+    _, parts = run(tmp_path / "parts", 1.0, resume=True)
+    whole, parts = load_checkpoint(held_ckpt)["model"], load_checkpoint(parts)["model"]
+    assert all(torch.equal(whole[n], parts[n]) for n in whole)
+    with pytest.raises(ValueError, match=r"forget_target \(--forget-target\) must be None or a number in \(0, 1\]"):
+        UnlearnConfig(checkpoint=original, forget_target=0)
+    with pytest.raises(ValueError, match=r"with method one of \('ours', 'random-encoder'\), got 0.5"):
+        UnlearnConfig(checkpoint=original, forget_target=0.5, method="max-loss")
+
+
 def test_resume_refuses_a_run_with_other_settings(original, tmp_path):
     """Logging and saving may change on resume; what fixes the trajectory may not."""
     _unlearn(original, tmp_path, stop_after=2)

@@ -9,9 +9,9 @@ ratios to the original's and the accuracy changes, against the goals: ours forge
 retain FID <= 1.5x; ours_proxy retain FID <= 2x. Writes robustness.json, robustness.md and
 robustness.png.
 
-Choosing settings: --forget-weight, --unlearn-epochs, --lr, --weight-decay and --anchor replace the
-demo's, and --images train scores each class's first TRAIN_PER_CLASS training images instead of
-the test images, so that settings are chosen on training images (and then judged on the test
+Choosing settings: --forget-weight, --unlearn-epochs, --lr, --weight-decay, --anchor and
+--forget-target replace the demo's, and --images train scores each class's first TRAIN_PER_CLASS
+training images instead of the test images, so that settings are chosen on training images (and then judged on the test
 images of splits drawn from another seed). Each setting's runs have their own folders, reused
 when present, and a run that tries any writes robustness-{images}-{setting}.* instead.
 """

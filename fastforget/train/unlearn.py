@@ -24,10 +24,11 @@ from ..ops import unlearn_loss
 from ..ops.unlearn_loss import NORMALIZE
 from . import batches as batches_lib, data as data_lib
 from .augment import AUGMENTS, DRAWS, crop_flip, crop_flip_params, source_size
-from .loop import LoopConfig, is_count, is_real, require, run, setup_distributed
+from .loop import LoopConfig, is_count, is_real, require, run, setup_distributed, step_generator
 
 METHODS = ("ours", "max-loss", "noisy-label", "retain-label", "random-encoder")
 WHOLE_MODEL = ("max-loss", "noisy-label", "retain-label")  # the baselines that train the decoder too
+CONSTRAINABLE = ("ours", "random-encoder")  # the encoder methods: forget_target applies to them
 # How the data are read, held or streamed, changes no number: a run may resume with them changed.
 HOW_READ = ("data_memory_mb", "data_workers")
 
@@ -56,6 +57,12 @@ class UnlearnConfig:
     # decay pulls toward zero. It bounds how far the encoder moves, and so trades forgetting for
     # retain quality (benchmarks/results/2026-12-02-mae-evidence.md).
     anchor: float = 0.0
+    # The epsilon-constrained form (the formulation of Feng et al., with the forget loss as the
+    # constraint): minimise the retain loss subject to forget loss <= forget_target * the original
+    # model's forget loss (measured on the first step's batch before training). Solved by an exact
+    # penalty: a step's forget term (weight forget_weight) is on only while the global batch's forget
+    # loss is above the target, switched on the device. None: the published method, always on.
+    forget_target: Optional[float] = None
     # None: the family's (MAE's "reference", the reference code's 2/B sums, exact under DDP;
     # Palette's "batch", its F.mse_loss of row-masked features).
     normalize: Optional[str] = None
@@ -77,6 +84,9 @@ class UnlearnConfig:
         require(self, "normalize", self.normalize is None or self.normalize in NORMALIZE, f"None or one of {NORMALIZE}")
         require(self, "forget_weight", is_real(self.forget_weight) and self.forget_weight >= 0, "a finite number >= 0")
         require(self, "anchor", is_real(self.anchor) and self.anchor >= 0, "a finite number >= 0 (0: off)")
+        require(self, "forget_target", self.forget_target is None or (
+            is_real(self.forget_target) and 0 < self.forget_target <= 1 and self.method in CONSTRAINABLE),
+            f"None or a number in (0, 1], with method one of {CONSTRAINABLE}")
         for name in ("retain_ratio", "proxy_ratio"):
             require(self, name, is_real(getattr(self, name)) and getattr(self, name) >= 0, "a finite number >= 0")
         require(self, "mask_ratio", self.mask_ratio is None or (is_real(self.mask_ratio) and 0 <= self.mask_ratio < 1),
@@ -109,6 +119,7 @@ def unlearning_step(cfg: UnlearnConfig, student: nn.Module, d: Dist) -> tuple[nn
     module = family.trainable(student, whole)
     teacher = family.teacher(student, d.device, whole=cfg.method == "retain-label")
     augmented = _augmenter(cfg.augment, family.image_shape(student)[1], d)
+    target = ForgetTarget(cfg.forget_target, cfg.forget_weight, d) if cfg.forget_target else None
 
     def loss_fn(batch, gen, module):
         imgs, is_forget = batch
@@ -123,9 +134,32 @@ def unlearning_step(cfg: UnlearnConfig, student: nn.Module, d: Dist) -> tuple[nn
             features = module(imgs, step)
         out = unlearn_loss(features, retain_target, forget_target, is_forget, forget_weight=cfg.forget_weight,
                            normalize=cfg.normalize)
-        return {"loss": out.loss, "retain_loss": out.retain_loss, "forget_loss": out.forget_loss}
+        logged = {"loss": out.loss, "retain_loss": out.retain_loss, "forget_loss": out.forget_loss}
+        return logged if target is None else target.constrained(out, logged)
 
     return module, loss_fn
+
+
+class ForgetTarget:
+    """forget_target's constraint, forget loss <= fraction * the original's, as an exact penalty:
+    loss = retain_loss + forget_weight * [global forget loss > limit] * forget_loss. The switch is a
+    device tensor (under DDP the forget loss is all-reduced first, so every rank switches alike):
+    no host sync. The limit is set by the first batch it sees, which unlearn() makes the original
+    model's on step 0's batch, before training (and before a resume loads the student's weights)."""
+
+    def __init__(self, fraction: float, forget_weight: float, d: Dist):
+        self.fraction, self.forget_weight, self.d = fraction, forget_weight, d
+        self.limit: Optional[Tensor] = None
+
+    def constrained(self, out, logged: dict) -> dict:
+        forget = out.forget_loss.detach().clone()
+        if self.d.world > 1:
+            torch.distributed.all_reduce(forget)
+            forget /= self.d.world
+        if self.limit is None:
+            self.limit = self.fraction * forget
+        on = (forget > self.limit).float()
+        return {**logged, "loss": out.retain_loss + self.forget_weight * on * out.forget_loss, "forget_on": on}
 
 
 def anchored(module: nn.Module, anchor: float) -> Optional[Callable[[float], None]]:
@@ -169,6 +203,9 @@ def unlearn(cfg: UnlearnConfig) -> dict:
     batches = feed.batches(lambda epoch: data_lib.stream(sets, epoch, cfg.loop.seed), steps_per_epoch, cfg.loop, d)
     student = original.to(d.device)
     module, loss_fn = unlearning_step(cfg, student, d)
+    if cfg.forget_target:  # sets its limit: the original's forget loss on step 0's batch, before anything trains
+        with torch.no_grad():
+            loss_fn(batches(0, 0), step_generator(d.device, cfg.loop.seed, 0, 0), module)
     settings = {k: v for k, v in asdict(cfg).items() if k not in ("loop", "device", "checkpoint") + HOW_READ}
     record = audit.start(cfg.loop.out, cfg.checkpoint, cfg.method, {**settings, "loop": asdict(cfg.loop)}, cfg.data,
                          sets.forget, sets.retain) if d.main else None
