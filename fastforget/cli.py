@@ -352,17 +352,20 @@ def run(args: argparse.Namespace) -> int:
         from .train.demo import DemoConfig
         from .train.robustness import run as run_robustness
 
-        # each setting: (its name, its value, whether 0 is allowed)
-        settings = (("forget_weight", args.forget_weight, True), ("epochs", args.unlearn_epochs, False),
-                    ("lr", args.lr, False), ("weight_decay", args.weight_decay, True), ("anchor", args.anchor, True),
-                    ("forget_target", args.forget_target, False))
-        for name, value, zero in settings:
-            if value is not None and not (math.isfinite(value) and (value >= 0 if zero else value > 0)):
+        # each setting: (its name, its value, whether 0 is allowed, its upper bound), checked before
+        # anything is pretrained
+        inf = math.inf
+        settings = (("forget_weight", args.forget_weight, True, inf), ("epochs", args.unlearn_epochs, False, inf),
+                    ("lr", args.lr, False, inf), ("weight_decay", args.weight_decay, True, inf),
+                    ("anchor", args.anchor, True, inf), ("forget_target", args.forget_target, False, 1.0))
+        for name, value, zero, top in settings:
+            if value is not None and not (math.isfinite(value) and (value >= 0 if zero else value > 0) and value <= top):
                 flag = "unlearn-epochs" if name == "epochs" else name.replace("_", "-")
-                raise InvalidValue(f"--{flag} must be a finite number {'>= 0' if zero else '> 0'}, "
+                bound = "" if top == inf else f" and <= {top:g}"
+                raise InvalidValue(f"--{flag} must be a finite number {'>= 0' if zero else '> 0'}{bound}, "
                                    f"got {value!r}")
         out = args.out or f"demo-out/{args.family}"
-        unlearn = {name: value for name, value, _ in settings if value is not None}
+        unlearn = {name: value for name, value, _, _ in settings if value is not None}
         cfg = DemoConfig(out=out, family=args.family, unlearn=unlearn)
         run_robustness(out, args.family, args.splits, args.seed, cfg, images=args.images)
         return 0

@@ -239,9 +239,12 @@ def test_robustness_tries_other_settings_on_training_images_in_their_own_folders
     assert json.load(open(tmp_path / "robustness.json"))["setting"] == "epochs1-blr0.02"
 
 
-def test_robustness_refuses_bad_settings_in_one_line(tmp_path):
+@pytest.mark.parametrize("flag, value, message", [
+    ("--forget-weight", "-1", "--forget-weight must be a finite number >= 0, got -1.0"),
+    ("--forget-target", "2", "--forget-target must be a finite number > 0 and <= 1, got 2.0")])
+def test_robustness_refuses_bad_settings_in_one_line(tmp_path, flag, value, message):
     proc = subprocess.run([sys.executable, "-m", "fastforget.cli", "robustness", "--family", "mae", "--out",
-                           str(tmp_path), "--forget-weight", "-1"], capture_output=True, text=True, timeout=120)
+                           str(tmp_path), flag, value], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0
-    assert "--forget-weight must be a finite number >= 0, got -1.0" in proc.stderr
+    assert message in proc.stderr
     assert not (tmp_path / "original").exists()  # refused before anything was pretrained

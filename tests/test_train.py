@@ -123,7 +123,8 @@ def test_forget_target_switches_the_forget_term_on_the_device():
 
     first, logged = step(1.0)
     assert float(target.limit) == pytest.approx(0.5 * float(first.forget_loss.detach()))
-    assert float(logged["forget_on"]) == 1.0 and float(logged["loss"].detach()) == pytest.approx(float(first.loss.detach()))
+    assert float(logged["forget_on"]) == 1.0
+    assert float(logged["loss"].detach()) == pytest.approx(float(first.loss.detach()))
     below, logged = step(0.5)  # a quarter of the first forget loss: under the limit, the term is off
     assert float(logged["forget_on"]) == 0.0 and float(logged["loss"]) == pytest.approx(float(below.retain_loss))
     student.grad = None

@@ -11,8 +11,8 @@ robustness.png.
 
 Choosing settings: --forget-weight, --unlearn-epochs, --lr, --weight-decay, --anchor and
 --forget-target replace the demo's, and --images train scores each class's first TRAIN_PER_CLASS
-training images instead of the test images, so that settings are chosen on training images (and then judged on the test
-images of splits drawn from another seed). Each setting's runs have their own folders, reused
+training images instead of the test images, so that settings are chosen on training images (and
+then judged on the test images of splits drawn from another seed). Each setting's runs have their own folders, reused
 when present, and a run that tries any writes robustness-{images}-{setting}.* instead.
 """
 from __future__ import annotations
